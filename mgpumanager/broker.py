@@ -1,0 +1,520 @@
+"""The broker: the GPU lock, the eviction policy, the consumers and the GPU
+reading composed into ``Broker.start_job`` / ``Job.finish``.
+
+Threading rules (docs/design.md has the long form):
+
+- The GPU lock (``GpuLock``) is held from ``start_job`` until ``Job.finish``;
+  every eviction decision and every load/unload call happens while it is
+  held, on a fresh reading, so no two jobs can plan against the same free
+  VRAM.
+- ``Broker._stats_lock`` guards the counters below it and is never held
+  across I/O; ``status()`` copies them under it and builds JSON outside.
+- Consumer state lives in ``ConsumerRegistry`` behind its own small lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from typing import Callable
+
+from . import __version__
+from .config import Config
+from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor, HttpActions
+from .errors import (Abandoned, BrokerError, ConsumerUnhealthy, InsufficientVram,
+                     UnknownConsumer, UnknownKind)
+from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
+from .gpulock import GpuLock, Ticket
+from .policy import plan_room
+from .proxy import UpstreamClient
+
+log = logging.getLogger("mgpumanager.broker")
+job_log = logging.getLogger("mgpumanager.jobs")
+
+# Seconds: the bucket bounds of the wait and run time histograms.
+TIME_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count: enough for Prometheus, no more."""
+
+    def __init__(self, bounds=TIME_BUCKETS):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict:
+        cumulative = list(itertools.accumulate(self.counts))
+        return {"buckets": list(zip(self.bounds + (float("inf"),), cumulative)),
+                "sum": self.sum, "count": cumulative[-1]}
+
+
+class EventLog:
+    """A bounded ring of recent scheduler events, numbered for ``?since=``."""
+
+    def __init__(self, size: int = 500):
+        self._lock = threading.Lock()
+        self._events: deque[dict] = deque(maxlen=size)     # guarded by _lock
+        self._ids = itertools.count(1)
+
+    def add(self, type: str, message: str, **fields) -> dict:
+        with self._lock:
+            event = {"id": next(self._ids), "at": iso_utc(time.time()), "type": type,
+                     "message": message, **fields}
+            self._events.append(event)
+        return event
+
+    def since(self, last_id: int = 0, limit: int | None = None) -> list[dict]:
+        with self._lock:
+            out = [e for e in self._events if e["id"] > last_id]
+        return out[-limit:] if limit else out
+
+
+class Job:
+    """One GPU job, from the grant of the lock to ``finish``."""
+
+    def __init__(self, broker: "Broker", ticket: Ticket, consumer: str, kind: str | None,
+                 started: float):
+        self.broker = broker
+        self.ticket = ticket
+        self.consumer = consumer
+        self.kind = kind
+        self.started = started
+        self.evicted: list[str] = []
+        self.loaded = False
+        self._finished = False
+        self._finish_lock = threading.Lock()
+
+    @property
+    def wait_s(self) -> float:
+        return self.ticket.waited_s
+
+    def finish(self, *, ok: bool, status: int | None = None, bytes_in: int = 0,
+               bytes_out: int = 0, error: str | None = None) -> None:
+        """End the job once; the GPU lock is released here (or, for a consumer
+        with a busy probe, once the probe reports idle)."""
+        with self._finish_lock:
+            if self._finished:
+                return
+            self._finished = True
+        self.broker._job_done(self, ok=ok, status=status, bytes_in=bytes_in,
+                              bytes_out=bytes_out, error=error)
+
+
+class Broker:
+    def __init__(self, config: Config, *, reader: GpuReader | None = None,
+                 actions: ConsumerActions | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.config = config
+        self.clock = clock
+        self.sleep = sleep
+        self.started_at = time.time()
+        self.events = EventLog()
+        self.client = UpstreamClient(config.proxy.connect_timeout_s, config.proxy.read_timeout_s)
+        self.registry = ConsumerRegistry(config, clock=clock,
+                                         on_health_change=self._health_changed)
+        self.actions = actions or HttpActions(self.client, config.health.timeout_s)
+        fallback_total = sum(c.vram_resident_mib for c in config.consumers.values())
+        self.reader = reader or make_reader(config.gpu, self.registry.held_mib, fallback_total)
+        self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s)
+        self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
+        self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stats_lock = threading.Lock()
+        # Guarded by _stats_lock:
+        self._total_jobs = 0
+        self._outcomes: Counter = Counter()          # (consumer, "ok" | "error")
+        self._rejected: Counter = Counter()          # contract code -> count
+        self._evictions: Counter = Counter()         # victim -> count
+        self._loads: Counter = Counter()
+        self._last_wait_ms: float | None = None
+        self._last_run_ms: float | None = None
+        self._wait_hist = Histogram()
+        self._run_hist = Histogram()
+        self._current: Job | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.sampler.start()
+        self.health.start()
+        if any(c.idle_unload_s for c in self.config.consumers.values()):
+            t = threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.events.add("started", f"broker {__version__} started with {self.config.path}; "
+                        f"GPU reading from {self.reader.source}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sampler.stop()
+        self.health.stop()
+        self.reader.close()
+
+    # -- routing -------------------------------------------------------------
+
+    def consumer_for_kind(self, kind: str) -> str:
+        try:
+            return self.config.routes[kind]
+        except KeyError:
+            raise UnknownKind(f"no route for kind {kind!r} (routes: "
+                              f"{', '.join(sorted(self.config.routes)) or 'none'})",
+                              kind=kind) from None
+
+    def check_consumer(self, name: str) -> None:
+        if name not in self.registry:
+            raise UnknownConsumer(f"no consumer named {name!r} (consumers: "
+                                  f"{', '.join(self.registry.names())})", consumer=name)
+
+    def check_healthy(self, name: str, kind: str | None = None) -> None:
+        healthy, probed_at, error = self.registry.health(name)
+        if healthy is False:
+            ago = time.time() - probed_at if probed_at else 0.0
+            self._count_refusal("consumer_unhealthy", name)
+            raise ConsumerUnhealthy(f"{name} failed its last health probe {ago:.1f} s ago: {error}",
+                                    consumer=name, kind=kind)
+
+    # -- jobs ----------------------------------------------------------------
+
+    def start_job(self, consumer: str, kind: str | None = None, *,
+                  cancelled: Callable[[], bool] | None = None, label: str | None = None) -> Job:
+        """Wait for the GPU in arrival order, make room for ``consumer``, and
+        return the running Job. Raises a BrokerError (nothing held) if refused."""
+        self.check_healthy(consumer, kind)
+        sched = self.config.scheduler
+        deadline = self.clock() + sched.queue_timeout_s
+        label = label or f"{consumer}:{kind or 'upstream'}"
+        try:
+            ticket = self.lock.acquire(label, sched.queue_timeout_s, cancelled=cancelled)
+        except BrokerError as e:
+            self._count_refusal(e.code, consumer)
+            e.consumer, e.kind = consumer, kind
+            if isinstance(e, Abandoned):
+                self.events.add("abandoned", f"a {label} job was dropped: its client left while "
+                                "it waited", consumer=consumer)
+            raise
+        job = Job(self, ticket, consumer, kind, self.clock())
+        try:
+            self._make_room(job, deadline)
+        except BaseException as e:
+            if isinstance(e, BrokerError):
+                self._count_refusal(e.code, consumer)
+                e.consumer, e.kind = consumer, kind
+            self.lock.release(ticket)
+            raise
+        job.started = self.clock()
+        self.registry.job_started(consumer)
+        with self._stats_lock:
+            self._current = job
+            self._last_wait_ms = job.wait_s * 1000
+            self._wait_hist.observe(job.wait_s)
+        return job
+
+    def _job_done(self, job: Job, *, ok: bool, status: int | None, bytes_in: int,
+                  bytes_out: int, error: str | None) -> None:
+        run_s = self.clock() - job.started
+        self.registry.job_finished(job.consumer, ok, error)
+        with self._stats_lock:
+            self._total_jobs += 1
+            self._outcomes[(job.consumer, "ok" if ok else "error")] += 1
+            self._last_run_ms = run_s * 1000
+            self._run_hist.observe(run_s)
+        fields = {"consumer": job.consumer, "kind": job.kind, "status": status, "ok": ok,
+                  "wait_ms": round(job.wait_s * 1000, 1), "run_ms": round(run_s * 1000, 1),
+                  "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted}
+        if error:
+            fields["error"] = error
+        self.events.add("job", f"{job.consumer} {job.kind or 'upstream'} job "
+                        f"{'finished' if ok else 'failed'} ({status}) after "
+                        f"{run_s * 1000:.0f} ms, waited {job.wait_s * 1000:.0f} ms", **fields)
+        self._log_job(fields)
+        busy = self.config.consumers[job.consumer].busy
+        if busy is not None and ok:
+            # The consumer answered but is still working on the GPU (ComfyUI
+            # renders after /prompt returns): hold the lock until it is idle,
+            # on a thread of our own so the client's thread is free.
+            threading.Thread(target=self._release_when_idle, args=(job,), daemon=True,
+                             name=f"busy-{job.consumer}").start()
+        else:
+            self._release(job)
+
+    def _release_when_idle(self, job: Job) -> None:
+        c = self.config.consumers[job.consumer]
+        deadline = job.started + self.config.scheduler.job_timeout_s
+        try:
+            while self.clock() < deadline and self.actions.is_busy(c):
+                self.sleep(self.config.scheduler.busy_poll_s)
+            if self.clock() >= deadline:
+                self.events.add("job_timeout", f"{c.name} was still busy after job_timeout_s; "
+                                "releasing the GPU", consumer=c.name)
+        except Exception:
+            log.exception("busy probe of %s failed; releasing the GPU", c.name)
+        finally:
+            self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self._stats_lock:
+            if self._current is job:
+                self._current = None
+        self.lock.release(job.ticket)
+
+    def _count_refusal(self, code: str, consumer: str | None) -> None:
+        with self._stats_lock:
+            self._rejected[code] += 1
+        if consumer in self.registry:
+            self.registry.job_refused(consumer)
+        if code != "client_gone":
+            self.events.add("refused", f"a job for {consumer} was refused: {code}",
+                            consumer=consumer, code=code)
+
+    @staticmethod
+    def _log_job(fields: dict) -> None:
+        # With log_format json, JsonFormatter merges ``fields`` into the line.
+        job_log.info("job consumer=%s kind=%s status=%s wait_ms=%s run_ms=%s bytes_in=%s "
+                     "bytes_out=%s evicted=%s", fields["consumer"], fields["kind"],
+                     fields["status"], fields["wait_ms"], fields["run_ms"], fields["bytes_in"],
+                     fields["bytes_out"], ",".join(fields["evicted"]) or "-",
+                     extra={"fields": {"event": "job", **fields}})
+
+    # -- making room (always under the GPU lock) -----------------------------
+
+    def _make_room(self, job: Job, deadline: float) -> None:
+        target = job.consumer
+        c = self.config.consumers[target]
+        sched = self.config.scheduler
+        failed: set[str] = set()
+        attempts = 0
+        while True:
+            views = self.registry.views()
+            if views[target].loaded is True:
+                break                         # resident: no reading, no calls
+            reading = self.reader.read()
+            if reading.free_mib is None or reading.total_mib is None:
+                log.warning("no GPU reading (%s): running %s without a VRAM check",
+                            reading.error, target)
+                break
+            for name in failed:
+                views[name] = dataclasses.replace(views[name], can_unload=False)
+            plan = plan_room(target, views, free_mib=reading.free_mib,
+                             total_mib=reading.total_mib, cushion_mib=self.config.gpu.cushion_mib,
+                             coexist=self.config.may_coexist)
+            if plan.never_fits:
+                raise InsufficientVram(plan.reason + "; " + self._holders(reading),
+                                       need_mib=plan.need_mib, free_mib=reading.free_mib)
+            if plan.fits and not plan.victims:
+                break
+            if plan.fits and attempts < sched.evict_attempts:
+                attempts += 1
+                victim = plan.victims[0]
+                if not self._unload(victim, f"to make room for {target}: {plan.reason}", job):
+                    failed.add(victim)
+                elif self.reader.live:
+                    self._settle(reading.free_mib, views[victim].resident_mib, plan.need_mib,
+                                 deadline)
+                continue
+            # Nothing more may be evicted: wait for VRAM to come free (ollama
+            # expires its own models) until the job's queue deadline.
+            if self.clock() >= deadline:
+                raise InsufficientVram(f"{plan.reason}; {self._holders(reading)}",
+                                       need_mib=plan.need_mib, free_mib=reading.free_mib)
+            self.sleep(min(1.0, max(0.0, deadline - self.clock())))
+        if c.load is not None and self.registry.loaded(target) is not True:
+            self._load(target, job, deadline)
+
+    def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
+        """Poll the reading until the unload shows (drivers free memory late)."""
+        until = min(self.clock() + self.config.scheduler.evict_settle_s, deadline)
+        while self.clock() < until:
+            r = self.reader.read()
+            if r.free_mib is not None and (r.free_mib >= need_mib
+                                           or r.free_mib - free_before >= freed_mib // 2):
+                return
+            self.sleep(0.05)
+
+    def _unload(self, victim: str, why: str, job: Job | None) -> bool:
+        c = self.config.consumers[victim]
+        t0 = self.clock()
+        error = self.actions.call(c, c.unload)
+        if error:
+            self.registry.unload_failed(victim, error)
+            self.events.add("unload_failed", f"unloading {victim} failed: {error}",
+                            consumer=victim)
+            log.warning("unload of %s failed: %s", victim, error)
+            return False
+        self.registry.mark_loaded(victim, False, counted="eviction")
+        with self._stats_lock:
+            self._evictions[victim] += 1
+        for_whom = job.consumer if job else None
+        if job:
+            job.evicted.append(victim)
+        ms = (self.clock() - t0) * 1000
+        self.events.add("evicted", f"unloaded {victim} {why} ({ms:.0f} ms)", consumer=victim,
+                        for_consumer=for_whom, reason=why, ms=round(ms, 1))
+        job_log.info("eviction victim=%s for=%s reason=%r ms=%.0f", victim, for_whom, why, ms,
+                     extra={"fields": {"event": "eviction", "victim": victim,
+                                       "for": for_whom, "reason": why, "ms": round(ms, 1)}})
+        return True
+
+    def _load(self, target: str, job: Job, deadline: float) -> None:
+        c = self.config.consumers[target]
+        t0 = self.clock()
+        error = self.actions.call(c, c.load)
+        if error:
+            # Not fatal: a consumer that did not preload cold-starts on the job.
+            self.events.add("load_failed", f"loading {target} failed: {error}", consumer=target)
+            log.warning("load of %s failed: %s", target, error)
+            return
+        until = min(self.clock() + self.config.scheduler.evict_settle_s, deadline)
+        while self.clock() < until:
+            result = self.health.probe(target)
+            if result.ok and result.loaded is not False:
+                break
+            self.sleep(0.1)
+        self.registry.mark_loaded(target, True, counted="load")
+        job.loaded = True
+        with self._stats_lock:
+            self._loads[target] += 1
+        ms = (self.clock() - t0) * 1000
+        self.events.add("loaded", f"loaded {target} ({ms:.0f} ms)", consumer=target,
+                        ms=round(ms, 1))
+
+    def _holders(self, reading: GpuReading) -> str:
+        views = self.registry.views()
+        held = [f"{v.name} {v.resident_mib} MiB"
+                + (" (vram_managed)" if v.vram_managed else "")
+                + ("" if v.loaded else " (maybe)")
+                for v in views.values() if v.loaded is not False]
+        return (f"{reading.free_mib} MiB free of {reading.total_mib} ({reading.source}); "
+                f"held: {', '.join(held) or 'nothing the broker knows of'}")
+
+    # -- explicit load / unload ----------------------------------------------
+
+    def unload(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
+        c = self.config.consumers[name]
+        ticket = self._admin_ticket(name, "unload", cancelled)
+        try:
+            if c.unload is None:
+                raise BrokerError(f"{name} has no unload route", consumer=name)
+            if not self._unload(name, "on request", None):
+                raise BrokerError(f"unloading {name} failed: "
+                                  f"{self.registry.snapshot()[name]['last_error']}", consumer=name)
+            return {"consumer": name, "loaded": False}
+        finally:
+            self.lock.release(ticket)
+
+    def load(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
+        """Make room for ``name`` and call its load route, under the lock.
+        Without a load route it still makes room: it loads on its first job."""
+        self.check_healthy(name)
+        ticket = self._admin_ticket(name, "load", cancelled)
+        try:
+            job = Job(self, ticket, name, None, self.clock())
+            self._make_room(job, self.clock() + self.config.scheduler.queue_timeout_s)
+            return {"consumer": name, "loaded": self.registry.loaded(name),
+                    "evicted": job.evicted}
+        except BrokerError as e:
+            self._count_refusal(e.code, name)
+            e.consumer = name
+            raise
+        finally:
+            self.lock.release(ticket)
+
+    def _admin_ticket(self, name: str, what: str, cancelled) -> Ticket:
+        try:
+            return self.lock.acquire(f"{name}:{what}", self.config.scheduler.queue_timeout_s,
+                                     cancelled=cancelled)
+        except BrokerError as e:
+            self._count_refusal(e.code, name)
+            e.consumer = name
+            raise
+
+    def _idle_unloader(self) -> None:
+        while not self._stop.wait(1.0):
+            now = self.clock()
+            for name, c in self.config.consumers.items():
+                if not c.idle_unload_s or c.unload is None:
+                    continue
+                since = self.registry.idle_since(name)
+                if since is None or now - since < c.idle_unload_s:
+                    continue
+                ticket = self.lock.try_acquire(f"{name}:idle-unload")
+                if ticket is None:
+                    continue              # the GPU is busy: not idle, try later
+                try:
+                    self._unload(name, f"after {c.idle_unload_s:g} s idle", None)
+                finally:
+                    self.lock.release(ticket)
+
+    # -- status --------------------------------------------------------------
+
+    def _health_changed(self, name: str, ok: bool, error: str | None) -> None:
+        self.events.add("health", f"{name} is {'healthy again' if ok else 'unhealthy: ' + str(error)}",
+                        consumer=name, healthy=ok)
+        (log.info if ok else log.warning)("%s health: %s", name, "ok" if ok else error)
+
+    def stats(self) -> dict:
+        """A consistent copy of the counters, for /v1/status and /metrics."""
+        snap = self.lock.snapshot()
+        with self._stats_lock:
+            current = self._current
+            return {
+                "queue_depth": snap.queue_depth,
+                "in_flight": 1 if snap.holder else 0,
+                "holder": snap.holder,
+                "held_for_s": snap.held_for_s,
+                "running": ({"consumer": current.consumer, "kind": current.kind,
+                             "running_s": round(self.clock() - current.started, 3),
+                             "evicted": list(current.evicted)} if current else None),
+                "waiting": list(snap.waiting),
+                "oldest_queued_s": round(snap.oldest_queued_s, 3)
+                if snap.oldest_queued_s is not None else None,
+                "total_jobs": self._total_jobs,
+                "rejected": sum(v for k, v in self._rejected.items() if k != "client_gone"),
+                "rejected_by_code": {k: v for k, v in self._rejected.items() if k != "client_gone"},
+                "abandoned": self._rejected["client_gone"],
+                "last_wait_ms": round(self._last_wait_ms, 1) if self._last_wait_ms is not None else None,
+                "last_run_ms": round(self._last_run_ms, 1) if self._last_run_ms is not None else None,
+                "evictions": sum(self._evictions.values()),
+                "loads": sum(self._loads.values()),
+                "outcomes": dict(self._outcomes),
+                "evictions_by_consumer": dict(self._evictions),
+                "loads_by_consumer": dict(self._loads),
+                "wait_seconds": self._wait_hist.snapshot(),
+                "run_seconds": self._run_hist.snapshot(),
+            }
+
+    def status(self) -> dict:
+        stats = self.stats()
+        reading = self.sampler.latest()
+        gpu = reading.to_json()
+        gpu["live"] = self.reader.live
+        gpu["age_s"] = round(max(0.0, time.time() - reading.sampled_at), 3)
+        gpu["cushion_mib"] = self.config.gpu.cushion_mib
+        for private in ("outcomes", "evictions_by_consumer", "loads_by_consumer",
+                        "wait_seconds", "run_seconds", "holder", "held_for_s"):
+            stats.pop(private)
+        return {
+            "broker": {"version": __version__, "pid": os.getpid(),
+                       "uptime_s": round(time.time() - self.started_at, 3),
+                       "started_at": iso_utc(self.started_at), "config": self.config.path},
+            "gpu": gpu,
+            "consumers": self.registry.snapshot(),
+            "routes": dict(self.config.routes),
+            "scheduler": stats,
+        }

@@ -1,0 +1,66 @@
+"""The ``mgpumanager`` command: serve, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import CONFIG_ENV, ConfigError, load_config
+
+
+def cmd_check_config(args) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(cfg.summary())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if args.config:
+        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:mgpumanager.gunicorn_conf"]
+    if args.bind:
+        argv += ["--bind", args.bind]
+    print(f"mgpumanager: serving {cfg.path} on {args.bind or cfg.server.bind}", file=sys.stderr)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(bind=args.bind, traffic=not args.no_traffic, duration_s=args.duration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mgpumanager",
+                                description="One HTTP door to several local GPU services.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the broker under gunicorn")
+    s.add_argument("--config", help=f"config file (default ${CONFIG_ENV} or etc/consumers.yaml)")
+    s.add_argument("--bind", help="HOST:PORT to listen on (default: server.bind)")
+    s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("check-config", help="validate a config file: exit 0 and a summary, "
+                       "or exit 1 and every problem")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+    d = sub.add_parser("demo", help="the broker in front of simulated consumers, with traffic")
+    d.add_argument("--bind", default="127.0.0.1:8770", help="broker address (default %(default)s)")
+    d.add_argument("--no-traffic", action="store_true", help="serve only; send no demo jobs")
+    d.add_argument("--duration", type=float, default=None,
+                   help="stop after this many seconds (default: until Ctrl-C)")
+    d.set_defaults(func=cmd_demo)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Runtime state of each consumer, its health probe, and its load/unload calls.
+
+``ConsumerRegistry`` owns the mutable state behind one small lock of its own
+(never held across I/O). ``HttpActions`` is the only code that calls a
+consumer's admin routes; the broker takes it as a parameter so that the
+scheduler can be unit-tested against a fake that records what it was asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import requests
+
+from .config import Call, Config, ConsumerConfig
+from .errors import BrokerError
+from .gpu import iso_utc
+from .policy import ConsumerView
+from .proxy import UpstreamClient, describe
+
+log = logging.getLogger("mgpumanager.consumers")
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    ok: bool
+    error: str | None = None
+    loaded: bool | None = None      # what the consumer says of itself, if it says
+
+
+class ConsumerActions(Protocol):
+    def probe_health(self, c: ConsumerConfig) -> HealthResult: ...
+    def call(self, c: ConsumerConfig, call: Call) -> str | None: ...   # None: it worked
+    def is_busy(self, c: ConsumerConfig) -> bool: ...
+
+
+class HttpActions:
+    """Talks to consumers' own admin routes over HTTP."""
+
+    def __init__(self, client: UpstreamClient, health_timeout_s: float):
+        self.client = client
+        self.health_timeout_s = health_timeout_s
+
+    def probe_health(self, c: ConsumerConfig) -> HealthResult:
+        try:
+            with self.client.send("GET", c.url + c.health, read_timeout_s=self.health_timeout_s,
+                                  consumer=c.name, stream=False) as r:
+                if not 200 <= r.status_code < 300:
+                    return HealthResult(False, f"health {c.health} answered {r.status_code}")
+                loaded = None
+                if "json" in r.headers.get("Content-Type", ""):
+                    try:
+                        body = r.json()
+                    except ValueError:
+                        body = None
+                    if isinstance(body, dict) and isinstance(body.get("loaded"), bool):
+                        loaded = body["loaded"]
+                return HealthResult(True, None, loaded)
+        except BrokerError as e:
+            return HealthResult(False, e.message)
+
+    def call(self, c: ConsumerConfig, call: Call) -> str | None:
+        try:
+            with self.client.send(call.method, c.url + call.path, json=call.json,
+                                  read_timeout_s=call.timeout_s, consumer=c.name,
+                                  stream=False) as r:
+                if 200 <= r.status_code < 300:
+                    return None
+                return f"{call.method} {call.path} answered {r.status_code}: {r.text[:200]}"
+        except BrokerError as e:
+            return f"{call.method} {call.path}: {e.message}"
+
+    def is_busy(self, c: ConsumerConfig) -> bool:
+        """True while the busy probe shows work; a probe that fails counts as idle
+        (a consumer that cannot answer cannot be rendering for us either)."""
+        try:
+            with self.client.send("GET", c.url + c.busy.path, read_timeout_s=self.health_timeout_s,
+                                  consumer=c.name, stream=False) as r:
+                body = r.json() if r.status_code == 200 else {}
+        except (BrokerError, ValueError, requests.RequestException) as e:
+            log.warning("%s: busy probe %s failed: %s", c.name, c.busy.path, e)
+            return False
+        if not isinstance(body, dict):
+            return False
+        keys = c.busy.keys or tuple(body)
+        return any(bool(body.get(k)) for k in keys)
+
+
+class ConsumerState:
+    """One consumer's live state. Every field below ``config`` is guarded by
+    the registry's ``_lock``; outside it, read a ``snapshot()``."""
+
+    def __init__(self, config: ConsumerConfig, kinds: list[str]):
+        self.config = config
+        self.kinds = kinds
+        self.healthy: bool | None = None
+        self.last_probe_at: float | None = None
+        self.last_error: str | None = None
+        # Unknown at start: with an unload route it may be resident (unloading
+        # is harmless, over-committing is not); without one it cold-starts.
+        self.loaded: bool | None = None if config.unload else False
+        self.reports_loaded = False        # its health body carries "loaded"
+        self.last_used: float | None = None        # monotonic, for LRU
+        self.last_used_wall: float | None = None
+        self.active = 0
+        self.total_requests = 0
+        self.failed_requests = 0
+        self.evictions = 0
+        self.loads = 0
+        self.unload_failures = 0
+
+    def to_json(self) -> dict:
+        c = self.config
+        return {"url": c.url, "kinds": self.kinds, "healthy": self.healthy,
+                "last_probe_at": iso_utc(self.last_probe_at), "last_error": self.last_error,
+                "loaded": self.loaded, "vram_resident_mib": c.vram_resident_mib,
+                "vram_managed": c.vram_managed, "can_coexist_with": list(c.can_coexist_with),
+                "has_unload": c.unload is not None, "has_load": c.load is not None,
+                "active": self.active, "total_requests": self.total_requests,
+                "failed_requests": self.failed_requests, "last_used": iso_utc(self.last_used_wall),
+                "evictions": self.evictions, "loads": self.loads,
+                "unload_failures": self.unload_failures}
+
+
+class ConsumerRegistry:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 on_health_change: Callable[[str, bool, str | None], None] | None = None):
+        self.config = config
+        self._clock = clock
+        self._on_health_change = on_health_change
+        self._lock = threading.Lock()
+        self._states = {name: ConsumerState(c, config.kinds_of(name))
+                        for name, c in config.consumers.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._states
+
+    def names(self) -> list[str]:
+        return list(self._states)
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {n: s.to_json() for n, s in self._states.items()}
+
+    def health(self, name: str) -> tuple[bool | None, float | None, str | None]:
+        with self._lock:
+            s = self._states[name]
+            return s.healthy, s.last_probe_at, s.last_error
+
+    def loaded(self, name: str) -> bool | None:
+        with self._lock:
+            return self._states[name].loaded
+
+    def views(self) -> dict[str, ConsumerView]:
+        with self._lock:
+            return {n: ConsumerView(n, s.config.vram_resident_mib, s.loaded, s.last_used,
+                                    s.config.vram_managed, s.config.unload is not None)
+                    for n, s in self._states.items()}
+
+    def held_mib(self) -> int:
+        """What the ledger counts as used: every consumer that is or may be loaded."""
+        with self._lock:
+            return sum(s.config.vram_resident_mib for s in self._states.values()
+                       if s.loaded is not False)
+
+    # -- updates -------------------------------------------------------------
+
+    def record_health(self, name: str, result: HealthResult) -> None:
+        with self._lock:
+            s = self._states[name]
+            changed = s.healthy is not None and s.healthy != result.ok
+            first = s.healthy is None
+            s.healthy = result.ok
+            s.last_probe_at = time.time()
+            s.last_error = result.error if not result.ok else s.last_error
+            if result.loaded is not None:
+                s.reports_loaded = True
+                s.loaded = result.loaded
+        if (changed or (first and not result.ok)) and self._on_health_change:
+            self._on_health_change(name, result.ok, result.error)
+
+    def job_started(self, name: str) -> None:
+        with self._lock:
+            s = self._states[name]
+            s.active += 1
+            s.total_requests += 1
+
+    def job_finished(self, name: str, ok: bool, error: str | None = None) -> None:
+        with self._lock:
+            s = self._states[name]
+            s.active -= 1
+            if ok:
+                s.last_used = self._clock()
+                s.last_used_wall = time.time()
+                s.loaded = True
+            else:
+                s.failed_requests += 1
+                if error:
+                    s.last_error = error
+
+    def job_refused(self, name: str) -> None:
+        with self._lock:
+            self._states[name].failed_requests += 1
+
+    def mark_loaded(self, name: str, loaded: bool, *, counted: str | None = None) -> None:
+        with self._lock:
+            s = self._states[name]
+            s.loaded = loaded
+            if counted == "eviction":
+                s.evictions += 1
+            elif counted == "load":
+                s.loads += 1
+                s.last_used = s.last_used or self._clock()
+
+    def unload_failed(self, name: str, error: str) -> None:
+        with self._lock:
+            s = self._states[name]
+            s.unload_failures += 1
+            s.last_error = error
+
+    def idle_since(self, name: str) -> float | None:
+        with self._lock:
+            s = self._states[name]
+            return s.last_used if s.loaded is not False else None
+
+
+class HealthMonitor:
+    """One daemon thread per consumer, so a consumer that hangs until its
+    probe times out delays nobody else's probe."""
+
+    def __init__(self, registry: ConsumerRegistry, actions: ConsumerActions, interval_s: float):
+        self.registry = registry
+        self.actions = actions
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
+                                          name=f"health-{name}") for name in registry.names()]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def probe(self, name: str) -> HealthResult:
+        result = self.actions.probe_health(self.registry.config.consumers[name])
+        self.registry.record_health(name, result)
+        return result
+
+    def _run(self, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                self.probe(name)
+            except Exception:
+                log.exception("health probe of %s failed", name)
+            self._stop.wait(self.interval_s)
+

@@ -1,0 +1,126 @@
+"""``mgpumanager demo``: simulated consumers, the broker under gunicorn, and a
+little mixed traffic, so that a newcomer with no GPU sees routing, queueing
+and eviction on the status page within a minute."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib import resources
+from urllib.parse import urlsplit
+
+import requests
+
+from .config import CONFIG_ENV, load_config
+from .sim import start_cluster
+from .sim.consumers import wav_bytes
+
+DEMO_CONFIG = str(resources.files("mgpumanager") / "demo.yaml")
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the broker exited with status {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the broker did not answer on {url} within {timeout_s:g} s")
+
+
+def demo_jobs(base: str):
+    """One of each kind, as a script would send them."""
+    wav = wav_bytes(1.0)
+    return {
+        "tts": lambda: requests.post(f"{base}/v1/tts", json={"text": "Hello from the demo."},
+                                     timeout=120),
+        "stt": lambda: requests.post(f"{base}/v1/stt", files={"file": ("hello.wav", wav, "audio/wav")},
+                                     data={"response_format": "json"}, timeout=120),
+        "llm": lambda: requests.post(f"{base}/v1/llm", json={"model": "sim", "prompt": "Why is the sky blue?"},
+                                     stream=True, timeout=120),
+        "image": lambda: requests.post(f"{base}/v1/image", json={"prompt": {"3": {"class_type": "KSampler"}}},
+                                       timeout=120),
+    }
+
+
+def _drive(base: str, stop: threading.Event) -> None:
+    jobs = demo_jobs(base)
+    order = ["image", "tts", "llm", "stt"]
+    for round_no in itertools.count(1):
+        threads = []
+        for kind in order:
+            def run(kind=kind):
+                t0 = time.monotonic()
+                try:
+                    r = jobs[kind]()
+                    n = sum(len(c) for c in r.iter_content(None))
+                    print(f"  round {round_no}: {kind:5s} -> {r.status_code} ({n} bytes, "
+                          f"{time.monotonic() - t0:.1f} s)", flush=True)
+                except requests.RequestException as e:
+                    print(f"  round {round_no}: {kind:5s} -> {e}", flush=True)
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            threads.append(t)
+            time.sleep(0.15)          # arrival order: image first, so TTS must evict it
+        for t in threads:
+            t.join()
+        order = order[1:] + order[:1]
+        if stop.wait(3.0):
+            return
+
+
+def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
+             duration_s: float | None = None) -> int:
+    cfg = load_config(DEMO_CONFIG)
+    ports = {name: urlsplit(c.url).port for name, c in cfg.consumers.items()}
+    ports["gpu"] = urlsplit(cfg.gpu.sim_url).port
+    try:
+        cluster = start_cluster(24576, ports=ports, ollama_keep_alive_s=60)
+    except OSError as e:
+        print(f"mgpumanager demo: cannot start the simulated consumers on ports "
+              f"{sorted(ports.values())}: {e}", file=sys.stderr)
+        return 1
+    env = dict(os.environ, **{CONFIG_ENV: DEMO_CONFIG})
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
+                             "python:mgpumanager.gunicorn_conf", "--bind", bind,
+                             "--access-logfile", "/dev/null"], env=env)
+    base = f"http://{bind}"
+    stop = threading.Event()
+    try:
+        wait_ready(base, proc)
+        print(f"\nmgpumanager demo: the broker is at {base}/  (status page)\n"
+              f"  JSON: {base}/v1/status   metrics: {base}/metrics   events: {base}/v1/events\n"
+              f"  try:  curl -sf {base}/v1/tts -d '{{\"text\": \"hi\"}}' -o hi.wav\n"
+              f"  simulated consumers: "
+              + ", ".join(f"{n} {s.url}" for n, s in cluster.consumers.items())
+              + "\n  Ctrl-C stops it.\n", flush=True)
+        if traffic:
+            threading.Thread(target=_drive, args=(base, stop), daemon=True).start()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        return 0 if proc.poll() in (None, 0) else 1
+    except KeyboardInterrupt:
+        print("\nmgpumanager demo: stopping", flush=True)
+        return 0
+    except RuntimeError as e:
+        print(f"mgpumanager demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.stop()

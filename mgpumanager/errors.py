@@ -1,0 +1,90 @@
+"""The broker's own errors, each knowing its HTTP status and contract code.
+
+Everything the broker refuses or fails on is one of these; the web layer turns
+any of them into ``{"error": {"code", "message", ...}}`` with ``status``.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, consumer: str | None = None,
+                 kind: str | None = None, retry_after: int | None = None,
+                 **details):
+        super().__init__(message)
+        self.message = message
+        self.consumer = consumer
+        self.kind = kind
+        self.retry_after = retry_after
+        self.details = details
+
+    def to_json(self) -> dict:
+        body = {"code": self.code, "message": self.message}
+        if self.consumer is not None:
+            body["consumer"] = self.consumer
+        if self.kind is not None:
+            body["kind"] = self.kind
+        body.update(self.details)
+        return {"error": body}
+
+
+class BadRequest(BrokerError):
+    status, code = 400, "bad_request"
+
+
+class UnknownKind(BrokerError):
+    status, code = 404, "unknown_kind"
+
+
+class UnknownConsumer(BrokerError):
+    status, code = 404, "unknown_consumer"
+
+
+class NotFound(BrokerError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(BrokerError):
+    status, code = 405, "method_not_allowed"
+
+
+class ConsumerUnhealthy(BrokerError):
+    status, code = 503, "consumer_unhealthy"
+
+
+class QueueFull(BrokerError):
+    status, code = 503, "queue_full"
+
+
+class QueueTimeout(BrokerError):
+    status, code = 503, "queue_timeout"
+
+
+class InsufficientVram(BrokerError):
+    status, code = 503, "insufficient_vram"
+
+
+class UpstreamUnreachable(BrokerError):
+    status, code = 502, "upstream_unreachable"
+
+
+class UpstreamTimeout(BrokerError):
+    status, code = 504, "upstream_timeout"
+
+
+class Abandoned(BrokerError):
+    """The client went away while its job waited; nobody reads this answer."""
+    status, code = 499, "client_gone"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each with its key path."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{path}: {len(self.problems)} problem(s) in the config:\n{lines}")

@@ -1,0 +1,52 @@
+"""gunicorn settings for mgpumanager.
+
+``gunicorn -c gunicorn.conf.py`` (the repository root's file, which imports
+this one) or ``gunicorn -c python:mgpumanager.gunicorn_conf`` serves.
+
+The broker's config (``$MGPUMANAGER_CONFIG``, else etc/consumers.yaml) is read
+here too, for the address and the thread count; a bad config stops the start
+with every problem listed. gunicorn's own ``--bind`` / ``GUNICORN_CMD_ARGS``
+still override anything set here.
+"""
+
+import sys
+
+from mgpumanager.config import ConfigError, load_config
+
+try:
+    _config = load_config()
+except ConfigError as _e:
+    sys.exit(f"mgpumanager: {_e}")
+
+wsgi_app = "mgpumanager.app:create_app()"
+
+# One worker, always: the GPU lock is a lock inside one process. A second
+# worker would hold a second lock and run GPU jobs beside the first, which
+# is exactly the over-commit the broker exists to prevent.
+workers = 1
+worker_class = "gthread"
+# Every queued job holds a thread while it waits, so the count follows the
+# queue: max_queue waiters + the running job + spare threads for /v1/status,
+# /metrics, /healthz and /audio (server.threads in the config overrides).
+threads = _config.server.thread_count(_config.scheduler.max_queue)
+bind = [_config.server.bind]
+
+# gthread workers heartbeat from their main loop, so a long GPU job does not
+# trip this; it only catches a wedged worker.
+timeout = 60
+# systemd's stop: finish or cut running jobs within this many seconds.
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+# The broker's threads (health probes, GPU sampler) live in the worker.
+preload_app = False
+
+
+def on_starting(server):
+    if server.cfg.workers != 1:
+        sys.exit(f"mgpumanager: refusing to start with {server.cfg.workers} workers: the GPU "
+                 "lock is process-wide, so a second worker would run GPU jobs concurrently "
+                 "and over-commit VRAM. Use one worker; raise scheduler.max_queue or "
+                 "server.threads for more concurrency.")

@@ -1,0 +1,241 @@
+"""The Flask layer: routes, error-to-JSON mapping, the proxied response.
+
+Kept thin: every decision is the broker's. What lives here is HTTP: turning
+the WSGI request into an upstream call and the upstream answer into a WSGI
+response whose ``close()`` ends the GPU job, whether the client read it all
+or went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from typing import Callable
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException
+
+from .broker import Broker, Job
+from .errors import BadRequest, BrokerError, MethodNotAllowed, NotFound
+from .proxy import StreamedBody, drain_body, request_body, request_headers, response_headers
+
+log = logging.getLogger("mgpumanager.web")
+bp = Blueprint("mgpumanager", __name__)
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def broker() -> Broker:
+    return current_app.extensions["mgpumanager"]
+
+
+class PassthroughResponse(Response):
+    """Status, headers and body exactly as given; ``body.close()`` always runs.
+
+    Werkzeug would add a default Content-Type, and for HEAD, 1xx, 204 and
+    304 it swaps the body for an empty tuple without closing the original,
+    which would leave the GPU lock held; so this bypasses that machinery.
+    """
+    default_mimetype = None
+
+    def __init__(self, body, status: str, headers: list[tuple[str, str]]):
+        super().__init__(status=status)
+        self.headers = Headers(headers)
+        self.body = body
+
+    def __call__(self, environ, start_response):
+        start_response(self.status, self.headers.to_wsgi_list())
+        return self.body
+
+
+def client_gone(environ) -> Callable[[], bool] | None:
+    """A check that says whether the client has closed its connection.
+
+    gunicorn puts the client socket in the environ; the peer's FIN shows as
+    POLLRDHUP even while request bytes are still buffered unread.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | _GONE)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & _GONE:
+                return True
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+    return gone
+
+
+def raw_path(environ) -> str:
+    """The request path as the client sent it (percent-escapes untouched)."""
+    uri = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if uri:
+        return uri.split("?", 1)[0]
+    return quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+
+
+def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Response:
+    b = broker()
+    environ = request.environ
+    consumer = b.config.consumers[name]
+    method = environ["REQUEST_METHOD"]
+    job: Job | None = None
+    try:
+        if gpu:
+            job = b.start_job(name, kind, cancelled=client_gone(environ))
+        else:
+            b.check_healthy(name, kind)
+    except BrokerError:
+        drain_body(environ)
+        raise
+    query = environ.get("QUERY_STRING")
+    url = consumer.url + upstream_path + (f"?{query}" if query else "")
+    body = request_body(environ)
+    try:
+        upstream = b.client.send(method, url, headers=request_headers(environ), data=body,
+                                 read_timeout_s=consumer.read_timeout_s, consumer=name)
+    except BrokerError as e:
+        e.kind = kind
+        if job is not None:
+            job.finish(ok=False, status=e.status, bytes_in=getattr(body, "bytes_read", 0),
+                       error=e.message)
+        raise
+    except BaseException:
+        if job is not None:
+            job.finish(ok=False, error="the request to the upstream failed")
+        raise
+
+    status = upstream.status_code
+    bodyless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+
+    def on_close(streamed: StreamedBody) -> None:
+        if job is None:
+            return
+        error = streamed.error or (None if streamed.complete else "the client went away")
+        job.finish(ok=streamed.complete and status < 500, status=status,
+                   bytes_in=getattr(body, "bytes_read", 0), bytes_out=streamed.bytes_out,
+                   error=error)
+
+    deadline = job.started + b.config.scheduler.job_timeout_s if job else None
+    streamed = StreamedBody(upstream, on_close, bodyless=bodyless, deadline=deadline,
+                            clock=b.clock)
+    return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
+                               response_headers(upstream.raw.headers))
+
+
+@bp.post("/v1/<kind>")
+def facade(kind: str):
+    b = broker()
+    name = b.consumer_for_kind(kind)
+    return proxy(name, kind, b.config.consumers[name].paths[kind], gpu=True)
+
+
+@bp.route("/upstream/<name>", defaults={"path": ""}, methods=ALL_METHODS,
+          provide_automatic_options=False)
+@bp.route("/upstream/<name>/<path:path>", methods=ALL_METHODS, provide_automatic_options=False)
+def upstream(name: str, path: str):
+    b = broker()
+    b.check_consumer(name)
+    prefix, sent = f"/upstream/{name}", raw_path(request.environ)
+    upath = (sent[len(prefix):] if sent.startswith(prefix) else "/" + quote(path)) or "/"
+    gpu = b.config.consumers[name].is_gpu_route(request.method, upath)
+    return proxy(name, None, upath, gpu=gpu)
+
+
+@bp.route("/audio/<path:path>", methods=["GET", "HEAD"])
+def audio(path: str):
+    b = broker()
+    if b.config.audio_proxy is None:
+        raise NotFound("no audio_proxy consumer is configured")
+    return proxy(b.config.audio_proxy, None, raw_path(request.environ), gpu=False)
+
+
+@bp.post("/v1/consumers/<name>/<action>")
+def consumer_action(name: str, action: str):
+    b = broker()
+    b.check_consumer(name)
+    if action not in ("load", "unload"):
+        raise NotFound(f"no action {action!r}: use load or unload", consumer=name)
+    drain_body(request.environ)
+    gone = client_gone(request.environ)
+    result = b.load(name, cancelled=gone) if action == "load" else b.unload(name, cancelled=gone)
+    return jsonify(result)
+
+
+@bp.get("/v1/status")
+def status():
+    return jsonify(broker().status())
+
+
+@bp.get("/v1/events")
+def events():
+    try:
+        since = int(request.args.get("since", "0"))
+        limit = int(request.args.get("limit", "0")) or None
+    except ValueError:
+        raise BadRequest("since and limit must be whole numbers") from None
+    evs = broker().events.since(since, limit)
+    return jsonify({"events": evs, "last_id": evs[-1]["id"] if evs else since})
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"ok": True})
+
+
+@bp.get("/")
+def index():
+    return render_template("status.html", status=broker().status(),
+                           events=broker().events.since(0, 30)[::-1])
+
+
+# -- errors ---------------------------------------------------------------------
+
+def error_response(e: BrokerError) -> Response:
+    resp = jsonify(e.to_json())
+    resp.status_code = e.status
+    if e.retry_after is not None:
+        resp.headers["Retry-After"] = str(e.retry_after)
+    return resp
+
+
+@bp.app_errorhandler(BrokerError)
+def on_broker_error(e: BrokerError):
+    return error_response(e)
+
+
+@bp.app_errorhandler(HTTPException)
+def on_http_error(e: HTTPException):
+    drain_body(request.environ)
+    if e.code == 405:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        resp = error_response(err)
+        allowed = e.get_headers()
+        for k, v in allowed:
+            if k.lower() == "allow":
+                resp.headers["Allow"] = v
+        return resp
+    if e.code == 404:
+        return error_response(NotFound(f"no route {request.path}"))
+    err = BrokerError(e.description or e.name)
+    err.status, err.code = e.code or 500, e.name.lower().replace(" ", "_")
+    return error_response(err)
+
+
+@bp.app_errorhandler(Exception)
+def on_unexpected(e: Exception):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(BrokerError(f"internal error: {type(e).__name__}"))
+
