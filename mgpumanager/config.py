@@ -317,7 +317,7 @@ def _read_gpu_routes(r: _Reader, node: Any, path: str) -> tuple[GpuRoute, ...]:
     return tuple(routes)
 
 
-def _read_consumer(r: _Reader, name: str, node: Any) -> ConsumerConfig | None:
+def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> ConsumerConfig | None:
     path = f"consumers.{name}"
     node = r.section(node, path, (
         "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load", "unload",
@@ -341,21 +341,28 @@ def _read_consumer(r: _Reader, name: str, node: Any) -> ConsumerConfig | None:
     if not isinstance(coexist, list) or not all(isinstance(c, str) for c in coexist):
         r.problem(f"{path}.can_coexist_with", "a list of consumer names", coexist)
         coexist = []
+    for i, other in enumerate(coexist):
+        if other not in names:
+            r.problem(f"{path}.can_coexist_with[{i}]",
+                      f"the name of a consumer ({', '.join(names)})", other)
+        elif other == name:
+            r.problem(f"{path}.can_coexist_with[{i}]", "another consumer's name, not its own", other)
     idle = node.get("idle_unload_s")
     idle = r.seconds(node, "idle_unload_s", path, None) if idle is not None else None
     read_timeout = node.get("read_timeout_s")
     read_timeout = r.seconds(node, "read_timeout_s", path, None) if read_timeout is not None else None
+    consumer = dict(
+        load=_read_call(r, node.get("load"), f"{path}.load", "POST"),
+        unload=_read_call(r, node.get("unload"), f"{path}.unload", "POST"),
+        busy=_read_busy(r, node.get("busy"), f"{path}.busy"),
+        gpu_routes=_read_gpu_routes(r, node.get("gpu_routes"), f"{path}.gpu_routes"),
+        vram_managed=r.boolean(node, "vram_managed", path, False))
     if url is None or resident is None:
         return None
     return ConsumerConfig(
         name=name, url=url, health=health, paths=MappingProxyType(good_paths),
         vram_resident_mib=resident, can_coexist_with=tuple(coexist),
-        load=_read_call(r, node.get("load"), f"{path}.load", "POST"),
-        unload=_read_call(r, node.get("unload"), f"{path}.unload", "POST"),
-        busy=_read_busy(r, node.get("busy"), f"{path}.busy"),
-        gpu_routes=_read_gpu_routes(r, node.get("gpu_routes"), f"{path}.gpu_routes"),
-        vram_managed=r.boolean(node, "vram_managed", path, False),
-        idle_unload_s=idle, read_timeout_s=read_timeout)
+        idle_unload_s=idle, read_timeout_s=read_timeout, **consumer)
 
 
 def parse_config(data: Any, path: str = "<config>") -> Config:
@@ -430,18 +437,11 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         r.problem("consumers", "a mapping of at least one consumer name -> settings",
                   raw_consumers if raw_consumers is not None else _MISSING)
         raw_consumers = {}
+    names = [str(n) for n in raw_consumers]
     for name, node in raw_consumers.items():
-        c = _read_consumer(r, str(name), node)
+        c = _read_consumer(r, str(name), node, names)
         if c is not None:
             consumers[c.name] = c
-    for c in consumers.values():
-        for i, other in enumerate(c.can_coexist_with):
-            if other not in raw_consumers:
-                r.problem(f"consumers.{c.name}.can_coexist_with[{i}]",
-                          f"the name of a consumer ({', '.join(raw_consumers)})", other)
-            elif other == c.name:
-                r.problem(f"consumers.{c.name}.can_coexist_with[{i}]",
-                          "another consumer's name, not its own", other)
 
     routes_node = top.get("routes")
     routes: dict[str, str] = {}

@@ -92,6 +92,9 @@ class GpuLock:
                     if cancelled is not None and cancelled():
                         raise Abandoned("the client went away while its job waited")
                     self._turn.wait(min(remaining, poll_s))
+                if cancelled is not None and cancelled():
+                    # Its turn came, but nobody would read the answer.
+                    raise Abandoned("the client went away while its job waited")
                 self._waiting.popleft()
                 return self._grant(ticket, self._clock())
             except BaseException:

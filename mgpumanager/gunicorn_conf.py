@@ -40,6 +40,9 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
+# gunicorn's control socket sits at one path per user, so a second broker
+# (or the test suite) would fight over it; the broker needs none of it.
+control_socket_disable = True
 # The broker's threads (health probes, GPU sampler) live in the worker.
 preload_app = False
 

@@ -92,14 +92,10 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     consumer = b.config.consumers[name]
     method = environ["REQUEST_METHOD"]
     job: Job | None = None
-    try:
-        if gpu:
-            job = b.start_job(name, kind, cancelled=client_gone(environ))
-        else:
-            b.check_healthy(name, kind)
-    except BrokerError:
-        drain_body(environ)
-        raise
+    if gpu:
+        job = b.start_job(name, kind, cancelled=client_gone(environ))
+    else:
+        b.check_healthy(name, kind)
     query = environ.get("QUERY_STRING")
     url = consumer.url + upstream_path + (f"?{query}" if query else "")
     body = request_body(environ)
@@ -168,7 +164,6 @@ def consumer_action(name: str, action: str):
     b.check_consumer(name)
     if action not in ("load", "unload"):
         raise NotFound(f"no action {action!r}: use load or unload", consumer=name)
-    drain_body(request.environ)
     gone = client_gone(request.environ)
     result = b.load(name, cancelled=gone) if action == "load" else b.unload(name, cancelled=gone)
     return jsonify(result)
@@ -213,6 +208,9 @@ def error_response(e: BrokerError) -> Response:
 
 @bp.app_errorhandler(BrokerError)
 def on_broker_error(e: BrokerError):
+    # A body left unread makes gunicorn close the connection under the
+    # client's next request (it drains only 64 KiB itself): read it first.
+    drain_body(request.environ)
     return error_response(e)
 
 

@@ -27,6 +27,7 @@ class Seen:
     headers: dict
     at: float = field(default_factory=time.monotonic)
     body_bytes: int = 0
+    client: tuple = ()
 
 
 class Request:
@@ -179,7 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self):
         req = Request(self, self.command)
-        seen = Seen(self.command, req.path, req.query_string, dict(self.headers.items()))
+        seen = Seen(self.command, req.path, req.query_string, dict(self.headers.items()),
+                    client=self.client_address)
         self.sim.record(seen)
         if self.sim.delay_s:
             time.sleep(self.sim.delay_s)

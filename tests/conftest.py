@@ -1,0 +1,185 @@
+"""Fixtures: simulated consumers on loopback and a real gunicorn per test.
+
+Each test gets fresh simulated servers (threads in this process, on free
+ports, so the test can look at what reached them) and, where it talks to
+the broker, a fresh gunicorn process running a config written for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from mgpumanager.sim import start_cluster
+from mgpumanager.sim.echo import EchoServer
+
+ROOT = Path(__file__).resolve().parent.parent
+# Simulated work runs at this fraction of the demo's pace: a TTS job takes
+# 30 ms, an image renders in 150 ms.
+TIME_SCALE = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+def sim():
+    cluster = start_cluster(24576, time_scale=TIME_SCALE)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer().start()
+    yield server
+    server.release.set()
+    server.stop()
+
+
+def sim_config(sim, echo=None) -> dict:
+    """The demo's layout, pointed at this test's simulated servers."""
+    c = sim.consumers
+    cfg = {
+        "gpu": {"backend": "sim", "sim_url": sim.gpu_server.url, "cushion_mib": 256,
+                "sample_interval_s": 0.5},
+        "health": {"interval_s": 0.2, "timeout_s": 1},
+        "scheduler": {"max_queue": 16, "queue_timeout_s": 30, "evict_settle_s": 2,
+                      "busy_poll_s": 0.02},
+        "proxy": {"connect_timeout_s": 2, "read_timeout_s": 10},
+        "routes": {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"},
+        "audio_proxy": "mvoice",
+        "consumers": {
+            "mvoice": {"url": c["mvoice"].url, "health": "/health", "paths": {"tts": "/api/tts"},
+                       "vram_resident_mib": 3200, "can_coexist_with": ["ollama", "whisper"],
+                       "load": {"path": "/api/admin/load"},
+                       "unload": {"path": "/api/admin/unload"}},
+            "whisper": {"url": c["whisper"].url, "health": "/health",
+                        "paths": {"stt": "/inference"}, "vram_resident_mib": 1800,
+                        "can_coexist_with": ["comfyui"]},
+            "ollama": {"url": c["ollama"].url, "health": "/api/version",
+                       "paths": {"llm": "/api/generate"}, "vram_resident_mib": 8000,
+                       "vram_managed": True},
+            "comfyui": {"url": c["comfyui"].url, "health": "/system_stats",
+                        "paths": {"image": "/prompt"}, "vram_resident_mib": 13500,
+                        "unload": {"path": "/free",
+                                   "json": {"unload_models": True, "free_memory": True}},
+                        "busy": {"path": "/queue", "keys": ["queue_running", "queue_pending"]},
+                        "gpu_routes": ["POST /prompt"]},
+        },
+    }
+    if echo is not None:
+        cfg["routes"]["echo"] = "echo"
+        cfg["consumers"]["echo"] = {"url": echo.url, "health": "/health",
+                                    "paths": {"echo": "/echo"}, "vram_resident_mib": 0,
+                                    "can_coexist_with": ["mvoice", "whisper", "ollama", "comfyui"]}
+    return cfg
+
+
+class BrokerProcess:
+    """A gunicorn serving the broker on its own port, for one test."""
+
+    def __init__(self, config: dict, tmp_path: Path, extra_args: list[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp_path / f"broker-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"broker-{self.port}.log"
+        env = dict(os.environ, MGPUMANAGER_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
+        env.pop("GUNICORN_CMD_ARGS", None)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+             "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", *extra_args],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 20) -> "BrokerProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not answer within {timeout_s} s:\n{self.log()}")
+
+    def wait_healthy(self, *names: str, timeout_s: float = 10) -> dict:
+        """Until every named consumer has passed a health probe."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if all(status["consumers"][n]["healthy"] for n in names):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not healthy in time: {status['consumers']}")
+            time.sleep(0.05)
+
+    def status(self) -> dict:
+        r = requests.get(self.url + "/v1/status", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def worker_pid(self) -> int:
+        return self.status()["broker"]["pid"]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_broker(tmp_path):
+    started: list[BrokerProcess] = []
+
+    def start(config: dict, *, extra_args: list[str] = (), ready: bool = True) -> BrokerProcess:
+        b = BrokerProcess(config, tmp_path, list(extra_args))
+        started.append(b)
+        return b.wait_ready() if ready else b
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(sim, echo, start_broker):
+    """The broker in front of the simulated consumers and the echo upstream."""
+    b = start_broker(sim_config(sim, echo))
+    b.wait_healthy("mvoice", "whisper", "ollama", "comfyui", "echo")
+    return b

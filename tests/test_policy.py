@@ -1,0 +1,83 @@
+"""The eviction planner as a table: snapshot in, plan out."""
+
+import pytest
+
+from mgpumanager.policy import ConsumerView, plan_room
+
+TOTAL = 24576
+
+
+def view(name, mib, loaded=True, last_used=None, managed=False, unload=True):
+    return ConsumerView(name, mib, loaded, last_used, managed, unload)
+
+
+def plan(target, views, free, coexist=(), total=TOTAL, cushion=256):
+    pairs = {frozenset(p) for p in coexist}
+    return plan_room(target, {v.name: v for v in views}, free_mib=free, total_mib=total,
+                     cushion_mib=cushion, coexist=lambda a, b: frozenset((a, b)) in pairs)
+
+
+CASES = [
+    pytest.param("tts", [view("tts", 3000, loaded=True), view("img", 13000)], 0, (),
+                 (), True, id="resident-target-needs-nothing"),
+    pytest.param("tts", [view("tts", 3000, loaded=False), view("img", 13000)], 5000, (),
+                 (), True, id="fits-in-free-vram-without-eviction"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, last_used=5),
+                         view("stt", 2500, last_used=1)], 1000, (),
+                 ("stt",), True, id="least-recently-used-goes-first"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, last_used=5),
+                         view("stt", 2500, last_used=None)], 1000, (),
+                 ("stt",), True, id="never-used-counts-as-oldest"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, last_used=5),
+                         view("stt", 2000, last_used=1)], 1000, [("tts", "stt")],
+                 ("img",), True, id="coexisting-consumer-is-spared"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, last_used=5),
+                         view("stt", 2000, last_used=1)], 1000, [("stt", "tts")],
+                 ("img",), True, id="coexistence-holds-both-ways"),
+    pytest.param("img", [view("img", 13000, False), view("llm", 8000, managed=True),
+                         view("tts", 3000, last_used=9)], 10500, (),
+                 ("tts",), True, id="vram-managed-is-never-chosen"),
+    pytest.param("img", [view("img", 10000, False), view("a", 2000, last_used=1),
+                         view("b", 12000, last_used=2)], 0, (),
+                 ("b",), True, id="fewest-evictions-beat-strict-lru"),
+    pytest.param("img", [view("img", 10000, False), view("a", 6000, last_used=1),
+                         view("b", 6000, last_used=2), view("c", 12000, last_used=3)], 0, (),
+                 ("c",), True, id="one-big-victim-beats-two-older-ones"),
+    pytest.param("img", [view("img", 10000, False), view("a", 6000, last_used=1),
+                         view("b", 6000, last_used=2)], 0, (),
+                 ("a", "b"), True, id="several-victims-in-lru-order-when-needed"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, loaded=False)], 1000, (),
+                 (), False, id="unloaded-consumers-free-nothing"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 13000, loaded=None, last_used=1)],
+                 1000, (), ("img",), True, id="unknown-state-counts-as-possibly-resident"),
+    pytest.param("tts", [view("tts", 3000, False), view("stt", 2000, unload=False)], 1000, (),
+                 (), False, id="no-unload-route-no-eviction"),
+    pytest.param("tts", [view("tts", 3000, False), view("img", 1000, last_used=1)], 1000, (),
+                 (), False, id="no-pointless-eviction-when-it-still-would-not-fit"),
+]
+
+
+@pytest.mark.parametrize("target,views,free,coexist,victims,fits", CASES)
+def test_plan(target, views, free, coexist, victims, fits):
+    p = plan(target, views, free, coexist)
+    assert p.victims == victims
+    assert p.fits is fits
+    assert not p.never_fits
+
+
+def test_a_job_larger_than_the_gpu_never_fits_and_evicts_nothing():
+    p = plan("img", [view("img", 30000, False), view("tts", 3000)], 0)
+    assert p.never_fits and p.victims == () and "30256 MiB" in p.reason
+
+
+def test_vram_managed_holdings_count_against_what_could_ever_fit():
+    p = plan("img", [view("img", 20000, False), view("llm", 8000, managed=True)], 0)
+    assert p.never_fits and "vram_managed" in p.reason
+    p = plan("img", [view("img", 20000, False), view("llm", 8000, loaded=False, managed=True)], 0)
+    assert not p.never_fits
+
+
+def test_the_cushion_is_part_of_the_need():
+    views = [view("tts", 3000, False), view("img", 13000, last_used=1)]
+    assert plan("tts", views, 3100, cushion=0).victims == ()
+    assert plan("tts", views, 3100, cushion=256).victims == ("img",)
