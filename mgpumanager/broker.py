@@ -31,7 +31,7 @@ from .errors import (Abandoned, BrokerError, ConsumerUnhealthy, InsufficientVram
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .policy import plan_room
-from .proxy import UpstreamClient
+from .proxy import StreamGuard, UpstreamClient
 
 log = logging.getLogger("mgpumanager.broker")
 job_log = logging.getLogger("mgpumanager.jobs")
@@ -126,6 +126,7 @@ class Broker:
         self.started_at = time.time()
         self.events = EventLog()
         self.client = UpstreamClient(config.proxy.connect_timeout_s, config.proxy.read_timeout_s)
+        self.stream_guard = StreamGuard()
         self.registry = ConsumerRegistry(config, clock=clock,
                                          on_health_change=self._health_changed)
         self.actions = actions or HttpActions(self.client, config.health.timeout_s)

@@ -12,6 +12,9 @@ WSGI server chunk by chunk as it arrives.
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
 import threading
 import time
 from typing import Callable, Iterator
@@ -204,27 +207,134 @@ class UpstreamBroken(Exception):
     not with a clean end of chunks that would pass a truncated body as whole."""
 
 
+class StreamGuard:
+    """Ends streamed responses early, from one daemon thread for all of them.
+
+    A thread blocked reading a silent upstream (an LLM thinking, a stalled
+    server) would notice neither that its client hung up nor that the job ran
+    past ``job_timeout_s`` until the next byte came. The guard watches each
+    client socket for the peer's hang-up (EPOLLRDHUP) and each job's
+    deadline, and calls the stream's ``cut`` at once, which shuts the
+    upstream socket down and so unblocks the reader.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple] = {}     # key -> (fd, deadline, cut); guarded by _lock
+        self._by_fd: dict[int, int] = {}         # fd -> key; guarded by _lock
+        self._keys = iter(range(1, 1 << 62))
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        if self._epoll is not None:
+            self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._thread: threading.Thread | None = None
+
+    def watch(self, client_sock, deadline: float | None, cut: Callable[[str], None]) -> int:
+        fd = None
+        with self._lock:
+            key = next(self._keys)
+            if client_sock is not None and self._epoll is not None:
+                try:
+                    fd = client_sock.fileno()
+                    self._epoll.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+                    self._by_fd[fd] = key
+                except (OSError, ValueError):
+                    fd = None
+            self._entries[key] = (fd, deadline, cut)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-guard", daemon=True)
+                self._thread.start()
+        if deadline is not None:
+            self._wake()             # the thread may be sleeping past this deadline
+        return key
+
+    def unwatch(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry and entry[0] is not None:
+                self._by_fd.pop(entry[0], None)
+                try:
+                    self._epoll.unregister(entry[0])
+                except (OSError, ValueError):
+                    pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                deadlines = [d for _, d, _ in self._entries.values() if d is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 60.0
+            if self._epoll is not None:
+                events = self._epoll.poll(min(timeout, 60.0))
+            else:
+                time.sleep(min(timeout, 1.0))
+                events = []
+            cuts = []
+            with self._lock:
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                    elif fd in self._by_fd:
+                        cuts.append((self._pop(self._by_fd[fd]), "client gone"))
+                now = time.monotonic()
+                for key, (_, deadline, _) in list(self._entries.items()):
+                    if deadline is not None and now >= deadline:
+                        cuts.append((self._pop(key), "job_timeout_s"))
+            for cut, reason in cuts:
+                try:
+                    cut(reason)
+                except Exception:
+                    log.exception("cutting a stream failed")
+
+    def _pop(self, key: int):
+        fd, _, cut = self._entries.pop(key)
+        if fd is not None:
+            self._by_fd.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        return cut
+
+
 class StreamedBody:
     """The WSGI response iterable for a proxied response.
 
     Chunks are yielded as the upstream sends them. ``close()`` (which the
     WSGI server calls after the last chunk, or when the client has gone)
     closes the upstream response at once and then calls ``on_close`` exactly
-    once: that is where the GPU job ends.
+    once: that is where the GPU job ends. A ``StreamGuard`` may ``cut`` it
+    from another thread when the client hangs up or the job runs too long.
     """
 
     def __init__(self, response: requests.Response, on_close: Callable[["StreamedBody"], None],
-                 *, bodyless: bool = False, deadline: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 *, bodyless: bool = False):
         self.response = response
-        self._deadline = deadline
-        self._clock = clock
         self._on_close = on_close
         self._bodyless = bodyless
         self.bytes_out = 0
         self.complete = bodyless
         self.error: str | None = None
+        self.cut_reason: str | None = None
         self._closed = False
+
+    def cut(self, reason: str) -> None:
+        """End the stream now: shut the upstream socket so a blocked read returns."""
+        if self.complete or self._closed:
+            return                  # its connection may already serve another request
+        self.cut_reason = reason
+        sock = getattr(getattr(self.response.raw, "_connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __iter__(self) -> Iterator[bytes]:
         if self._bodyless:
@@ -233,8 +343,18 @@ class StreamedBody:
         while True:
             try:
                 data = raw.read1(CHUNK, decode_content=False)
-            except (urllib3.exceptions.HTTPError, OSError) as e:
-                self.error = describe(e)
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+                data, error = None, e
+            if self.cut_reason is not None:
+                self.error = ("the client went away" if self.cut_reason == "client gone"
+                              else f"the job ran past scheduler.{self.cut_reason}")
+                if self.cut_reason == "client gone":
+                    return                 # nobody is reading: end quietly
+                log.warning("%s: %s after %d bytes; cutting the response off",
+                            self.response.url, self.error, self.bytes_out)
+                raise UpstreamBroken(self.error)
+            if data is None:
+                self.error = describe(error)
                 log.warning("upstream %s broke mid-response after %d bytes: %s",
                             self.response.url, self.bytes_out, self.error)
                 raise UpstreamBroken(self.error) from None
@@ -243,10 +363,6 @@ class StreamedBody:
                 return
             self.bytes_out += len(data)
             yield data
-            if self._deadline is not None and self._clock() > self._deadline:
-                self.error = "the job ran past scheduler.job_timeout_s"
-                log.warning("%s: %s; cutting the response off", self.response.url, self.error)
-                raise UpstreamBroken(self.error)
 
     def close(self) -> None:
         if self._closed:

@@ -116,7 +116,11 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     status = upstream.status_code
     bodyless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
 
+    guard_key = None
+
     def on_close(streamed: StreamedBody) -> None:
+        if guard_key is not None:
+            b.stream_guard.unwatch(guard_key)
         if job is None:
             return
         error = streamed.error or (None if streamed.complete else "the client went away")
@@ -124,9 +128,11 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
                    bytes_in=getattr(body, "bytes_read", 0), bytes_out=streamed.bytes_out,
                    error=error)
 
-    deadline = job.started + b.config.scheduler.job_timeout_s if job else None
-    streamed = StreamedBody(upstream, on_close, bodyless=bodyless, deadline=deadline,
-                            clock=b.clock)
+    streamed = StreamedBody(upstream, on_close, bodyless=bodyless)
+    if job is not None and not bodyless:
+        guard_key = b.stream_guard.watch(environ.get("gunicorn.socket"),
+                                         job.started + b.config.scheduler.job_timeout_s,
+                                         streamed.cut)
     return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
                                response_headers(upstream.raw.headers))
 

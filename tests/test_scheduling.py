@@ -1,0 +1,199 @@
+"""One GPU job at a time, in arrival order, through a real gunicorn."""
+
+import socket
+import threading
+import time
+
+import requests
+
+from conftest import sim_config
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def queued_depth(broker) -> int:
+    return broker.status()["scheduler"]["queue_depth"]
+
+
+def hold_gpu(broker):
+    """Start a GPU job that streams one line and then waits for echo.release."""
+    r = requests.post(broker.url + "/upstream/echo/hold", stream=True, timeout=30)
+    r.lines = r.iter_lines()      # kept: a dropped iterator closes the connection
+    assert next(r.lines) == b"first"
+    return r
+
+
+def background(fn, *args):
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn(*args)
+        except Exception as e:        # surfaced by the test's assertions
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_mixed_jobs_never_overlap_and_start_in_arrival_order(broker, sim):
+    sim.gpu.reset_counters()
+    kinds = ["image", "tts", "llm", "stt", "tts", "image", "llm", "stt"]
+    payload = {"tts": {"json": {"text": "hello"}},
+               "stt": {"files": {"file": ("a.wav", b"RIFF" + b"\0" * 1000)}},
+               "llm": {"json": {"prompt": "x", "options": {"num_predict": 3}}},
+               "image": {"json": {"prompt": {"1": {}}}}}
+    threads = []
+    for kind in kinds:
+        threads.append(background(
+            lambda k=kind: requests.post(broker.url + f"/v1/{k}", timeout=60, **payload[k])))
+        time.sleep(0.05)
+    for t, out in threads:
+        t.join(60)
+        assert out["result"].status_code == 200, out["result"].text
+    wait_until(lambda: not sim.comfyui.busy, 10, "the last render")
+    jobs = sorted(sim.gpu.jobs, key=lambda j: j.start)
+    assert sim.gpu.overlaps() == [] and sim.gpu.max_concurrent == 1
+    assert [j.kind for j in jobs] == kinds
+    assert sim.gpu.ooms == 0
+
+
+def test_a_job_never_starts_while_another_response_is_streaming(broker, echo):
+    held = hold_gpu(broker)
+    t, out = background(lambda: requests.post(broker.url + "/v1/echo", data=b"x", timeout=30))
+    wait_until(lambda: queued_depth(broker) == 1, what="the second job to queue")
+    time.sleep(0.3)
+    assert echo.requests_to("/echo") == []        # it waits while the stream runs
+    echo.release.set()
+    assert list(held.lines) == [b"last"]
+    t.join(10)
+    assert out["result"].status_code == 200 and len(echo.requests_to("/echo")) == 1
+
+
+def test_full_queue_refuses_at_once_while_status_answers_fast(sim, echo, start_broker):
+    cfg = sim_config(sim, echo)
+    cfg["scheduler"]["max_queue"] = 3
+    b = start_broker(cfg)
+    b.wait_healthy("echo")
+    held = hold_gpu(b)
+    waiters = [background(lambda: requests.post(b.url + "/v1/echo", data=b"w", timeout=30))
+               for _ in range(3)]
+    wait_until(lambda: queued_depth(b) == 3, what="three waiters")
+    t0 = time.monotonic()
+    r = requests.post(b.url + "/v1/echo", data=b"x")
+    assert time.monotonic() - t0 < 0.5
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    assert int(r.headers["Retry-After"]) >= 1
+    times = []
+    for _ in range(20):
+        t0 = time.monotonic()
+        st = requests.get(b.url + "/v1/status").json()
+        times.append(time.monotonic() - t0)
+    assert max(times) < 0.25, times
+    assert st["scheduler"]["queue_depth"] == 3 and st["scheduler"]["in_flight"] == 1
+    assert st["scheduler"]["rejected_by_code"]["queue_full"] == 1
+    echo.release.set()
+    held.close()
+    for t, out in waiters:
+        t.join(10)
+        assert out["result"].status_code == 200
+
+
+def test_queue_timeout_comes_after_the_configured_wait(sim, echo, start_broker):
+    cfg = sim_config(sim, echo)
+    cfg["scheduler"]["queue_timeout_s"] = 1
+    b = start_broker(cfg)
+    b.wait_healthy("echo")
+    held = hold_gpu(b)
+    t0 = time.monotonic()
+    r = requests.post(b.url + "/v1/echo", data=b"x")
+    waited = time.monotonic() - t0
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
+    assert "Retry-After" in r.headers
+    assert 1.0 <= waited < 2.5, waited
+    echo.release.set()
+    held.close()
+
+
+def test_a_client_leaving_mid_stream_frees_the_gpu_at_once(broker, echo):
+    held = hold_gpu(broker)          # the upstream now stays silent until released
+    t, out = background(lambda: requests.post(broker.url + "/v1/echo", data=b"x", timeout=30))
+    wait_until(lambda: queued_depth(broker) == 1, what="the second job to queue")
+    t0 = time.monotonic()
+    held.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    held.close()
+    t.join(5)
+    assert out["result"].status_code == 200
+    assert time.monotonic() - t0 < 1.0, "the GPU was held after the client left"
+    events = requests.get(broker.url + "/v1/events").json()["events"]
+    hold_job = [e for e in events if e["type"] == "job" and e["consumer"] == "echo"][0]
+    assert hold_job["ok"] is False and hold_job["error"] == "the client went away"
+
+
+def test_a_client_leaving_while_queued_is_never_sent_upstream(broker, echo):
+    held = hold_gpu(broker)
+    s = socket.create_connection(("127.0.0.1", broker.port))
+    s.sendall(b"POST /v1/echo?queued=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    wait_until(lambda: queued_depth(broker) == 1, what="the job to queue")
+    s.close()
+    wait_until(lambda: queued_depth(broker) == 0, 3, "the abandoned job to leave the queue")
+    echo.release.set()
+    held.close()
+    requests.post(broker.url + "/v1/echo", data=b"after")
+    assert [x.query for x in echo.requests_to("/echo")] == [""]
+    assert broker.status()["scheduler"]["abandoned"] == 1
+
+
+def test_a_job_past_job_timeout_is_cut_off_and_frees_the_gpu(sim, echo, start_broker):
+    cfg = sim_config(sim, echo)
+    cfg["scheduler"]["job_timeout_s"] = 0.5
+    b = start_broker(cfg)
+    b.wait_healthy("echo")
+    t0 = time.monotonic()
+    r = requests.post(b.url + "/upstream/echo/hold", stream=True, timeout=30)
+    got = b""
+    try:
+        for chunk in r.iter_content(None):
+            got += chunk
+    except requests.exceptions.ChunkedEncodingError:
+        pass                           # the truncation shows as a broken body
+    assert got == b"first\n" and time.monotonic() - t0 < 3
+    assert requests.post(b.url + "/v1/echo", data=b"x", timeout=5).status_code == 200
+
+
+def test_an_image_job_holds_the_gpu_until_the_render_ends(broker, sim):
+    sim.comfyui.render_s = 8.0                       # 0.8 s at the tests' time scale
+    sim.gpu.reset_counters()
+    r = requests.post(broker.url + "/v1/image", json={"prompt": {"1": {}}})
+    assert r.status_code == 200
+    pid = r.json()["prompt_id"]
+    t, out = background(lambda: requests.post(broker.url + "/v1/llm", timeout=30,
+                                              json={"prompt": "x", "options": {"num_predict": 2}}))
+    # Reading ComfyUI's own API is not a GPU job: it waits for nobody.
+    t0 = time.monotonic()
+    assert requests.get(broker.url + "/upstream/comfyui/queue").json()["queue_running"]
+    requests.get(broker.url + f"/upstream/comfyui/history/{pid}")
+    assert time.monotonic() - t0 < 0.3
+    t.join(30)
+    assert out["result"].status_code == 200
+    image = next(j for j in sim.gpu.jobs if j.kind == "image")
+    llm = next(j for j in sim.gpu.jobs if j.kind == "llm")
+    assert llm.start >= image.end, "the LLM ran while the image was rendering"
+    assert requests.get(broker.url + f"/upstream/comfyui/history/{pid}").json()[pid]["status"]["completed"]
+
+
+def test_per_consumer_active_and_totals_show_in_status(broker, echo):
+    held = hold_gpu(broker)
+    st = broker.status()
+    assert st["consumers"]["echo"]["active"] == 1 and st["scheduler"]["in_flight"] == 1
+    assert st["scheduler"]["running"]["consumer"] == "echo"
+    echo.release.set()
+    held.close()
+    wait_until(lambda: broker.status()["consumers"]["echo"]["active"] == 0)
+    st = broker.status()["scheduler"]
+    assert st["total_jobs"] == 1 and st["last_run_ms"] > 0 and st["last_wait_ms"] is not None
