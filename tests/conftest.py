@@ -67,7 +67,7 @@ def sim_config(sim, echo=None) -> dict:
         "gpu": {"backend": "sim", "sim_url": sim.gpu_server.url, "cushion_mib": 256,
                 "sample_interval_s": 0.5},
         "health": {"interval_s": 0.2, "timeout_s": 1},
-        "scheduler": {"max_queue": 16, "queue_timeout_s": 30, "evict_settle_s": 2,
+        "scheduler": {"max_queue": 48, "queue_timeout_s": 30, "evict_settle_s": 2,
                       "busy_poll_s": 0.02},
         "proxy": {"connect_timeout_s": 2, "read_timeout_s": 10},
         "routes": {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"},

@@ -1,0 +1,201 @@
+"""The broker's scheduling and eviction, against a fake that records what it
+was asked to do: no HTTP, no sleeps beyond a few short deadlines."""
+
+import threading
+import time
+
+import pytest
+
+from mgpumanager.broker import Broker
+from mgpumanager.config import parse_config
+from mgpumanager.consumers import HealthResult
+from mgpumanager.errors import ConsumerUnhealthy, InsufficientVram
+
+CONFIG = {
+    "gpu": {"backend": "ledger", "total_mib": 20000, "cushion_mib": 0},
+    "scheduler": {"queue_timeout_s": 0.3, "evict_settle_s": 0},
+    "routes": {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"},
+    "consumers": {
+        "mvoice": {"url": "http://127.0.0.1:1", "paths": {"tts": "/tts"}, "vram_resident_mib": 3000,
+                   "can_coexist_with": ["ollama", "whisper"],
+                   "load": {"path": "/load"}, "unload": {"path": "/unload"}},
+        "whisper": {"url": "http://127.0.0.1:2", "paths": {"stt": "/inference"},
+                    "vram_resident_mib": 2000, "unload": {"path": "/unload"}},
+        "ollama": {"url": "http://127.0.0.1:3", "paths": {"llm": "/api/generate"},
+                   "vram_resident_mib": 6000, "vram_managed": True},
+        "comfyui": {"url": "http://127.0.0.1:4", "paths": {"image": "/prompt"},
+                    "vram_resident_mib": 12000, "unload": {"path": "/free"}},
+    },
+}
+
+
+class RecordingActions:
+    """Stands in for the consumers' admin routes; records every call."""
+
+    def __init__(self, fail=()):
+        self.calls: list[tuple[str, str]] = []
+        self.fail = set(fail)
+
+    def probe_health(self, c):
+        return HealthResult(True)
+
+    def call(self, c, call):
+        what = "load" if call is c.load else "unload"
+        self.calls.append((what, c.name))
+        return f"{what} failed" if c.name in self.fail else None
+
+    def is_busy(self, c):
+        return False
+
+
+def make_broker(overrides=None, fail=()):
+    data = {**CONFIG, **(overrides or {})}
+    actions = RecordingActions(fail)
+    return Broker(parse_config(data, "test.yaml"), actions=actions), actions
+
+
+def run(broker, consumer, kind=None):
+    job = broker.start_job(consumer, kind)
+    job.finish(ok=True, status=200)
+    return job
+
+
+def set_loaded(broker, **states):
+    for name, loaded in states.items():
+        broker.registry.mark_loaded(name, loaded)
+
+
+def test_a_job_that_does_not_fit_unloads_the_image_service_then_loads_the_target():
+    b, actions = make_broker()
+    set_loaded(b, mvoice=False, whisper=False, comfyui=True, ollama=True)
+    # 20000 total - 12000 comfyui - 6000 ollama = 2000 free < 3000 for mvoice
+    job = run(b, "mvoice", "tts")
+    assert actions.calls == [("unload", "comfyui"), ("load", "mvoice")]
+    assert job.evicted == ["comfyui"]
+    st = b.status()
+    assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"]
+    assert st["scheduler"]["evictions"] == 1 and st["scheduler"]["loads"] == 1
+
+
+def test_a_resident_target_causes_no_calls():
+    b, actions = make_broker()
+    set_loaded(b, mvoice=True, comfyui=True)
+    run(b, "mvoice", "tts")
+    run(b, "mvoice", "tts")
+    assert actions.calls == []
+
+
+def test_least_recently_used_goes_first_and_no_more_than_needed():
+    b, actions = make_broker({"gpu": {"backend": "ledger", "total_mib": 16000, "cushion_mib": 0}})
+    set_loaded(b, ollama=False, comfyui=False)
+    run(b, "whisper", "stt")            # used first: the older of the two
+    run(b, "mvoice", "tts")
+    actions.calls.clear()
+    # 16000 - 2000 - 3000 = 11000 free, 12000 needed: one victim, the older one
+    run(b, "comfyui", "image")
+    assert actions.calls == [("unload", "whisper")]
+
+
+def test_coexisting_consumers_are_spared():
+    b, actions = make_broker()
+    set_loaded(b, comfyui=False, ollama=True, whisper=True, mvoice=False)
+    # mvoice may coexist with whisper: 20000 - 6000 - 2000 = 12000 >= 3000, and even if
+    # it did not fit, whisper would not be chosen.
+    run(b, "mvoice", "tts")
+    assert ("unload", "whisper") not in actions.calls
+
+
+def test_vram_managed_consumers_are_never_unloaded_and_a_job_that_cannot_fit_is_refused_at_once():
+    b, actions = make_broker({"gpu": {"backend": "ledger", "total_mib": 16000, "cushion_mib": 0}})
+    set_loaded(b, ollama=True, comfyui=False, mvoice=True, whisper=True)
+    t0 = time.monotonic()
+    with pytest.raises(InsufficientVram) as info:
+        b.start_job("comfyui", "image")      # 12000 > 16000 - 6000 held by ollama
+    assert time.monotonic() - t0 < 0.1
+    assert actions.calls == []               # no unload storm
+    assert "ollama 6000 MiB (vram_managed)" in info.value.message
+    assert b.lock.snapshot().holder is None
+    assert b.status()["scheduler"]["rejected_by_code"] == {"insufficient_vram": 1}
+
+
+def test_a_failed_unload_is_counted_and_the_next_candidate_tried():
+    b, actions = make_broker({"gpu": {"backend": "ledger", "total_mib": 21000, "cushion_mib": 0}},
+                             fail=["mvoice"])
+    set_loaded(b, ollama=True, whisper=True, mvoice=True, comfyui=False)
+    # comfyui needs 12000; 21000-6000-2000-3000 = 10000 free: either one victim will do,
+    # mvoice first (both unused, by name); its unload fails, so whisper goes instead.
+    run(b, "comfyui", "image")
+    assert actions.calls == [("unload", "mvoice"), ("unload", "whisper")]
+    st = b.status()["consumers"]
+    assert st["mvoice"]["unload_failures"] == 1 and st["mvoice"]["loaded"] is True
+    assert st["whisper"]["loaded"] is False
+    assert b.lock.snapshot().holder is None
+
+
+def test_with_nothing_left_to_evict_it_waits_until_the_deadline_then_refuses():
+    b, actions = make_broker(fail=["comfyui", "whisper"])
+    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    t0 = time.monotonic()
+    with pytest.raises(InsufficientVram) as info:
+        b.start_job("mvoice", "tts")
+    assert 0.25 <= time.monotonic() - t0 < 1.5           # queue_timeout_s 0.3
+    assert "comfyui 12000 MiB" in info.value.message
+    assert b.lock.snapshot().holder is None
+
+
+def test_an_unhealthy_consumer_is_refused_before_queueing():
+    b, _ = make_broker()
+    b.registry.record_health("mvoice", HealthResult(False, "connection refused"))
+    with pytest.raises(ConsumerUnhealthy) as info:
+        b.start_job("mvoice", "tts")
+    assert "connection refused" in info.value.message
+    assert b.status()["scheduler"]["rejected_by_code"] == {"consumer_unhealthy": 1}
+
+
+def test_explicit_unload_and_load_run_under_the_lock():
+    b, actions = make_broker()
+    set_loaded(b, mvoice=True)
+    assert b.unload("mvoice") == {"consumer": "mvoice", "loaded": False}
+    assert b.load("mvoice")["loaded"] is True
+    assert actions.calls == [("unload", "mvoice"), ("load", "mvoice")]
+    assert b.lock.snapshot().holder is None
+
+
+def test_jobs_for_different_consumers_run_one_at_a_time():
+    b, _ = make_broker({"scheduler": {"queue_timeout_s": 5}})
+    set_loaded(b, mvoice=True, whisper=True, ollama=True)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def worker(name):
+        job = b.start_job(name)
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        job.finish(ok=True)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ["mvoice", "whisper", "ollama"] * 5]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak[0] == 1 and b.status()["scheduler"]["total_jobs"] == 15
+
+
+def test_idle_consumers_are_unloaded_after_idle_unload_s():
+    cfg = {**CONFIG, "consumers": {**CONFIG["consumers"],
+                                   "mvoice": {**CONFIG["consumers"]["mvoice"], "idle_unload_s": 0.2}}}
+    b, actions = make_broker(cfg)
+    set_loaded(b, mvoice=False)
+    run(b, "mvoice", "tts")
+    actions.calls.clear()
+    b.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ("unload", "mvoice") not in actions.calls:
+            assert time.monotonic() < deadline, actions.calls
+            time.sleep(0.05)
+        assert b.registry.loaded("mvoice") is False
+    finally:
+        b.stop()

@@ -1,0 +1,137 @@
+"""VRAM-aware eviction end to end: simulated consumers on one simulated GPU."""
+
+import concurrent.futures as cf
+import random
+import time
+
+import requests
+
+from conftest import TIME_SCALE, sim_config
+from mgpumanager.sim import start_cluster
+from mgpumanager.sim.consumers import wav_bytes
+
+WAV = wav_bytes(0.2)
+
+
+def mixed_job(base: str, kind: str, paths: dict[str, str]) -> requests.Response:
+    url = base + paths[kind]
+    if kind == "tts":
+        return requests.post(url, json={"text": "storm"}, timeout=120)
+    if kind == "stt":
+        return requests.post(url, files={"file": ("a.wav", WAV, "audio/wav")}, timeout=120)
+    if kind == "llm":
+        r = requests.post(url, json={"prompt": "x", "options": {"num_predict": 4}},
+                          stream=True, timeout=120)
+        r._content = b"".join(r.iter_content(None))
+        return r
+    return requests.post(url, json={"prompt": {"1": {}}}, timeout=120)
+
+
+def storm(send, n: int = 40, seed: int = 7) -> list[requests.Response]:
+    kinds = ["tts", "stt", "llm", "image"] * (n // 4)
+    random.Random(seed).shuffle(kinds)
+    with cf.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(send, kinds))
+
+
+def wait_idle(cluster, timeout=30):
+    deadline = time.monotonic() + timeout
+    while cluster.comfyui.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_storm_sent_directly_over_commits_the_gpu():
+    cluster = start_cluster(24576, time_scale=TIME_SCALE)
+    try:
+        paths = {"tts": "/api/tts", "stt": "/inference", "llm": "/api/generate", "image": "/prompt"}
+        results = storm(lambda k: mixed_job(cluster.consumers[
+            {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"}[k]].url, k, paths))
+        wait_idle(cluster)
+        failed = [r for r in results if r.status_code != 200]
+        assert cluster.gpu.ooms > 0
+        assert cluster.gpu.max_concurrent > 1
+        assert any("CUDA out of memory" in r.text for r in failed) or cluster.comfyui.history
+    finally:
+        cluster.stop()
+
+
+def test_the_same_storm_through_the_broker_completes_without_an_oom(broker, sim):
+    paths = {k: f"/v1/{k}" for k in ("tts", "stt", "llm", "image")}
+    results = storm(lambda k: mixed_job(broker.url, k, paths))
+    wait_idle(sim)
+    assert [r.status_code for r in results] == [200] * 40, [r.text for r in results if r.status_code != 200]
+    assert sim.gpu.ooms == 0, sim.gpu.oom_log
+    assert sim.gpu.max_concurrent == 1 and sim.gpu.overlaps() == []
+    assert all(h["status"]["completed"] for h in sim.comfyui.history.values())
+    st = broker.status()["scheduler"]
+    assert st["total_jobs"] == 40 and st["evictions"] >= 1
+
+
+def test_a_tts_job_that_does_not_fit_unloads_the_image_service_and_nothing_else(broker, sim):
+    assert requests.post(broker.url + "/v1/llm", json={"prompt": "x"}).status_code == 200
+    assert requests.post(broker.url + "/v1/stt",
+                         files={"file": ("a.wav", WAV)}).status_code == 200
+    r = requests.post(broker.url + "/v1/image", json={"prompt": {"1": {}}})
+    assert r.status_code == 200
+    wait_idle(sim)
+    # Resident now: ollama 8000 + whisper 1800 + comfyui 13500 = 23300 of 24576.
+    frees_before = len(sim.comfyui.requests_to("/free"))
+    r = requests.post(broker.url + "/v1/tts", json={"text": "hello"})
+    assert r.status_code == 200
+    assert len(sim.comfyui.requests_to("/free")) == frees_before + 1
+    assert sim.ollama.loaded and sim.whisper.loaded and not sim.comfyui.loaded
+    assert sim.mvoice.loaded and sim.gpu.ooms == 0
+    st = broker.status()
+    assert st["consumers"]["comfyui"]["loaded"] is False
+    assert st["consumers"]["comfyui"]["evictions"] == 1
+    evicted = [e for e in requests.get(broker.url + "/v1/events").json()["events"]
+               if e["type"] == "evicted"]
+    assert evicted[-1]["consumer"] == "comfyui" and evicted[-1]["for_consumer"] == "mvoice"
+
+
+def test_resident_targets_cause_no_admin_calls(broker, sim):
+    for _ in range(3):
+        assert requests.post(broker.url + "/v1/tts", json={"text": "x"}).status_code == 200
+    assert len(sim.mvoice.requests_to("/api/admin/load")) <= 1
+    assert sim.mvoice.requests_to("/api/admin/unload") == []
+    assert sim.comfyui.requests_to("/free") == [] or not sim.comfyui.loaded
+
+
+def test_a_job_that_can_never_fit_is_refused_without_unloading_anyone(sim, start_broker):
+    cfg = sim_config(sim)
+    cfg["consumers"]["comfyui"]["vram_resident_mib"] = 30000
+    b = start_broker(cfg)
+    b.wait_healthy("comfyui")
+    requests.post(b.url + "/v1/tts", json={"text": "x"})
+    r = requests.post(b.url + "/v1/image", json={"prompt": {"1": {}}})
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_vram" and err["consumer"] == "comfyui"
+    assert "30256 MiB" in err["message"] and "held:" in err["message"]
+    assert sim.mvoice.requests_to("/api/admin/unload") == [] and sim.mvoice.loaded
+    assert sim.comfyui.requests_to("/prompt") == []
+
+
+def test_explicit_unload_and_load_work_and_show_in_status(broker, sim):
+    r = requests.post(broker.url + "/v1/consumers/mvoice/load")
+    assert r.status_code == 200 and r.json()["loaded"] is True
+    assert sim.mvoice.loaded and broker.status()["consumers"]["mvoice"]["loaded"] is True
+    r = requests.post(broker.url + "/v1/consumers/mvoice/unload")
+    assert r.status_code == 200 and r.json() == {"consumer": "mvoice", "loaded": False}
+    assert not sim.mvoice.loaded
+    st = broker.status()
+    assert st["consumers"]["mvoice"]["loaded"] is False
+    assert st["scheduler"]["loads"] >= 1 and st["scheduler"]["evictions"] >= 1
+    r = requests.post(broker.url + "/v1/consumers/ollama/unload")
+    assert r.status_code >= 400 and "no unload route" in r.json()["error"]["message"]
+    r = requests.post(broker.url + "/v1/consumers/mvoice/reboot")
+    assert r.status_code == 404
+
+
+def test_status_shows_the_gpu_reading_and_its_source(broker, sim):
+    requests.post(broker.url + "/v1/tts", json={"text": "x"})
+    time.sleep(0.6)                          # one sample interval
+    gpu = broker.status()["gpu"]
+    assert gpu["source"] == "sim" and gpu["live"] is True and gpu["error"] is None
+    assert gpu["used_mib"] == sim.gpu.used_mib and gpu["free_mib"] == 24576 - sim.gpu.used_mib
