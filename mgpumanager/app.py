@@ -14,6 +14,7 @@ from .config import Config, load_config
 from .consumers import ConsumerActions
 from .gpu import GpuReader
 from .logs import setup_logging
+from .metrics import metrics_registry
 
 EXTENSION = "mgpumanager"
 
@@ -26,6 +27,7 @@ def create_app(config: Config | str | None = None, *, reader: GpuReader | None =
     app.json.sort_keys = False
     broker = Broker(cfg, reader=reader, actions=actions)
     app.extensions[EXTENSION] = broker
+    app.extensions[EXTENSION + ".metrics"] = metrics_registry(broker)
     app.register_blueprint(web.bp)
     if start:
         broker.start()

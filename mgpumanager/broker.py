@@ -507,6 +507,14 @@ class Broker:
         gpu["live"] = self.reader.live
         gpu["age_s"] = round(max(0.0, time.time() - reading.sampled_at), 3)
         gpu["cushion_mib"] = self.config.gpu.cushion_mib
+        consumers = self.registry.snapshot()
+        gpu["holders"] = holders = [
+            {"consumer": n, "mib": c["vram_resident_mib"], "loaded": c["loaded"]}
+            for n, c in consumers.items() if c["loaded"] is not False and c["vram_resident_mib"]]
+        # What the reading shows in use beyond what the broker accounts for:
+        # a desktop, another program, or a consumer larger than its config says.
+        gpu["other_mib"] = (max(0, reading.used_mib - sum(h["mib"] for h in holders))
+                            if reading.used_mib is not None else None)
         for private in ("outcomes", "evictions_by_consumer", "loads_by_consumer",
                         "wait_seconds", "run_seconds", "holder", "held_for_s"):
             stats.pop(private)
@@ -515,7 +523,7 @@ class Broker:
                        "uptime_s": round(time.time() - self.started_at, 3),
                        "started_at": iso_utc(self.started_at), "config": self.config.path},
             "gpu": gpu,
-            "consumers": self.registry.snapshot(),
+            "consumers": consumers,
             "routes": dict(self.config.routes),
             "scheduler": stats,
         }

@@ -15,11 +15,13 @@ from typing import Callable
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from .broker import Broker, Job
 from .errors import BadRequest, BrokerError, MethodNotAllowed, NotFound
+from .metrics import render as render_metrics
 from .proxy import StreamedBody, drain_body, request_body, request_headers, response_headers
 
 log = logging.getLogger("mgpumanager.web")
@@ -196,10 +198,16 @@ def healthz():
     return jsonify({"ok": True})
 
 
+@bp.get("/metrics")
+def metrics():
+    registry = current_app.extensions["mgpumanager.metrics"]
+    return Response(render_metrics(registry), mimetype=METRICS_CONTENT_TYPE)
+
+
 @bp.get("/")
 def index():
-    return render_template("status.html", status=broker().status(),
-                           events=broker().events.since(0, 30)[::-1])
+    b = broker()
+    return render_template("status.html", status=b.status(), events=b.events.since(0, 50)[::-1])
 
 
 # -- errors ---------------------------------------------------------------------

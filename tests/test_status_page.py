@@ -1,0 +1,112 @@
+"""What people and monitoring see: /metrics, /v1/events, the status page."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def fill_the_gpu(broker):
+    """ollama 8000 + whisper 1800 + comfyui 13500 resident: the next TTS must evict."""
+    assert requests.post(broker.url + "/v1/llm", json={"prompt": "x"}).ok
+    assert requests.post(broker.url + "/v1/stt", files={"file": ("a.wav", b"RIFF")}).ok
+    assert requests.post(broker.url + "/v1/image", json={"prompt": {"1": {}}}).ok
+
+
+def metric_values(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_parse_and_move_when_jobs_run(broker):
+    r = requests.get(broker.url + "/metrics")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    before = metric_values(r.text)
+    assert before[("mgpumanager_gpu_memory_total_bytes", (("source", "sim"),))] == 24576 * 1024 ** 2
+    assert before[("mgpumanager_consumer_up", (("consumer", "mvoice"),))] == 1.0
+    assert requests.post(broker.url + "/v1/tts", json={"text": "hi"}).status_code == 200
+    after = metric_values(requests.get(broker.url + "/metrics").text)
+    key = ("mgpumanager_jobs_total", (("consumer", "mvoice"), ("outcome", "ok")))
+    assert after[key] == before.get(key, 0) + 1
+    assert after[("mgpumanager_job_run_seconds_count", ())] == before[("mgpumanager_job_run_seconds_count", ())] + 1
+    assert after[("mgpumanager_consumer_loaded", (("consumer", "mvoice"),))] == 1.0
+    requests.post(broker.url + "/v1/nope")
+    requests.post(broker.url + "/v1/consumers/mvoice/unload")
+    after = metric_values(requests.get(broker.url + "/metrics").text)
+    assert after[("mgpumanager_evictions_total", (("consumer", "mvoice"),))] == 1.0
+
+
+def test_events_can_be_polled_with_since(broker):
+    first = requests.get(broker.url + "/v1/events").json()
+    requests.post(broker.url + "/v1/tts", json={"text": "hi"})
+    newer = requests.get(broker.url + f"/v1/events?since={first['last_id']}").json()
+    assert newer["events"] and all(e["id"] > first["last_id"] for e in newer["events"])
+    job = [e for e in newer["events"] if e["type"] == "job"][-1]
+    assert job["consumer"] == "mvoice" and job["status"] == 200 and job["wait_ms"] >= 0
+    again = requests.get(broker.url + f"/v1/events?since={newer['last_id']}").json()
+    assert again["events"] == [] and again["last_id"] == newer["last_id"]
+
+
+def test_the_page_answers_the_questions_without_javascript(broker):
+    fill_the_gpu(broker)
+    requests.post(broker.url + "/v1/tts", json={"text": "x"})      # evicts comfyui
+    html = requests.get(broker.url + "/").text
+    assert "Who holds the VRAM" in html and 'id="consumer-comfyui"' in html
+    assert "evicted" in html and "unloaded comfyui to make room for mvoice" in html
+    assert '<noscript><meta http-equiv="refresh"' in html
+    assert "https://" not in html and "http://cdn" not in html       # works offline
+    assert requests.get(broker.url + "/static/status.js").status_code == 200
+
+
+def test_job_logs_go_to_the_error_log_one_line_per_job(broker):
+    requests.post(broker.url + "/v1/tts", json={"text": "x"})
+    time.sleep(0.2)
+    lines = [ln for ln in broker.log().splitlines() if "job consumer=mvoice" in ln]
+    assert lines and "status=200" in lines[-1] and "wait_ms=" in lines[-1]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")
+def test_page_updates_in_a_real_browser_without_reload(broker):
+    from playwright.sync_api import sync_playwright
+    out = Path(os.environ.get("TEST_OUTPUT", ROOT / "test-output"))
+    out.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(broker.url + "/")
+            page.wait_for_selector("#live.on", timeout=10_000)
+            page.evaluate("window.__notReloaded = true")
+            total = page.locator('[data-k="consumers.comfyui.total_requests"]')
+            assert total.inner_text() == "0"
+            fill_the_gpu(broker)
+            assert requests.post(broker.url + "/v1/tts", json={"text": "hello"}).ok
+            page.wait_for_function(
+                "document.querySelector('[data-k=\"consumers.comfyui.total_requests\"]').textContent === '1'",
+                timeout=10_000)
+            page.wait_for_selector("#event-list li.ev-evicted", timeout=10_000)
+            assert "unloaded comfyui to make room for mvoice" in page.inner_text("#event-list")
+            assert page.evaluate("window.__notReloaded") is True
+            page.screenshot(path=str(out / "status-page.png"), full_page=True)
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(broker.url + "/")
+            phone.wait_for_selector("#live.on", timeout=10_000)
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            phone.screenshot(path=str(out / "status-page-phone.png"), full_page=True)
+            assert width <= 400, f"the page scrolls sideways on a phone ({width}px)"
+        finally:
+            browser.close()
