@@ -31,7 +31,7 @@ from .errors import (Abandoned, BrokerError, ConsumerUnhealthy, InsufficientVram
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .policy import plan_room
-from .proxy import StreamGuard, UpstreamClient
+from .proxy import StreamGuard, UpstreamPool
 
 log = logging.getLogger("mgpumanager.broker")
 job_log = logging.getLogger("mgpumanager.jobs")
@@ -125,11 +125,12 @@ class Broker:
         self.sleep = sleep
         self.started_at = time.time()
         self.events = EventLog()
-        self.client = UpstreamClient(config.proxy.connect_timeout_s, config.proxy.read_timeout_s)
+        self.upstream = UpstreamPool(config.proxy.connect_timeout_s, config.proxy.read_timeout_s)
         self.stream_guard = StreamGuard()
         self.registry = ConsumerRegistry(config, clock=clock,
                                          on_health_change=self._health_changed)
-        self.actions = actions or HttpActions(self.client, config.health.timeout_s)
+        self.actions = actions or HttpActions(config.proxy.connect_timeout_s,
+                                              config.health.timeout_s)
         fallback_total = sum(c.vram_resident_mib for c in config.consumers.values())
         self.reader = reader or make_reader(config.gpu, self.registry.held_mib, fallback_total)
         self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s)

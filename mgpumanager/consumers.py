@@ -20,7 +20,7 @@ from .config import Call, Config, ConsumerConfig
 from .errors import BrokerError
 from .gpu import iso_utc
 from .policy import ConsumerView
-from .proxy import UpstreamClient, describe
+from .proxy import describe
 
 log = logging.getLogger("mgpumanager.consumers")
 
@@ -39,16 +39,34 @@ class ConsumerActions(Protocol):
 
 
 class HttpActions:
-    """Talks to consumers' own admin routes over HTTP."""
+    """Talks to consumers' own admin routes over HTTP, through requests.
 
-    def __init__(self, client: UpstreamClient, health_timeout_s: float):
-        self.client = client
+    One Session per thread: requests makes no thread-safety promise for a
+    shared one, and a per-thread session still keeps its connections alive.
+    """
+
+    def __init__(self, connect_timeout_s: float, health_timeout_s: float):
+        self.connect_timeout_s = connect_timeout_s
         self.health_timeout_s = health_timeout_s
+        self._local = threading.local()
+
+    def _send(self, method: str, c: ConsumerConfig, path: str, read_timeout_s: float,
+              json_body=None) -> requests.Response:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.trust_env = False    # an environment proxy must not divert loopback calls
+        try:
+            return session.request(method, c.url + path, json=json_body, allow_redirects=False,
+                                   timeout=(self.connect_timeout_s, read_timeout_s))
+        except requests.Timeout as e:
+            raise BrokerError(f"no answer within {read_timeout_s:g} s", consumer=c.name) from e
+        except requests.RequestException as e:
+            raise BrokerError(describe(e), consumer=c.name) from e
 
     def probe_health(self, c: ConsumerConfig) -> HealthResult:
         try:
-            with self.client.send("GET", c.url + c.health, read_timeout_s=self.health_timeout_s,
-                                  consumer=c.name, stream=False) as r:
+            with self._send("GET", c, c.health, self.health_timeout_s) as r:
                 if not 200 <= r.status_code < 300:
                     return HealthResult(False, f"health {c.health} answered {r.status_code}")
                 loaded = None
@@ -65,9 +83,7 @@ class HttpActions:
 
     def call(self, c: ConsumerConfig, call: Call) -> str | None:
         try:
-            with self.client.send(call.method, c.url + call.path, json=call.json,
-                                  read_timeout_s=call.timeout_s, consumer=c.name,
-                                  stream=False) as r:
+            with self._send(call.method, c, call.path, call.timeout_s, call.json) as r:
                 if 200 <= r.status_code < 300:
                     return None
                 return f"{call.method} {call.path} answered {r.status_code}: {r.text[:200]}"
@@ -78,8 +94,7 @@ class HttpActions:
         """True while the busy probe shows work; a probe that fails counts as idle
         (a consumer that cannot answer cannot be rendering for us either)."""
         try:
-            with self.client.send("GET", c.url + c.busy.path, read_timeout_s=self.health_timeout_s,
-                                  consumer=c.name, stream=False) as r:
+            with self._send("GET", c, c.busy.path, self.health_timeout_s) as r:
                 body = r.json() if r.status_code == 200 else {}
         except (BrokerError, ValueError, requests.RequestException) as e:
             log.warning("%s: busy probe %s failed: %s", c.name, c.busy.path, e)

@@ -18,7 +18,7 @@ import requests
 
 from .config import CONFIG_ENV, load_config
 from .sim import start_cluster
-from .sim.consumers import wav_bytes
+from .sim.traffic import send_job
 
 DEMO_CONFIG = str(resources.files("mgpumanager") / "demo.yaml")
 
@@ -37,23 +37,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float 
     raise RuntimeError(f"the broker did not answer on {url} within {timeout_s:g} s")
 
 
-def demo_jobs(base: str):
-    """One of each kind, as a script would send them."""
-    wav = wav_bytes(1.0)
-    return {
-        "tts": lambda: requests.post(f"{base}/v1/tts", json={"text": "Hello from the demo."},
-                                     timeout=120),
-        "stt": lambda: requests.post(f"{base}/v1/stt", files={"file": ("hello.wav", wav, "audio/wav")},
-                                     data={"response_format": "json"}, timeout=120),
-        "llm": lambda: requests.post(f"{base}/v1/llm", json={"model": "sim", "prompt": "Why is the sky blue?"},
-                                     stream=True, timeout=120),
-        "image": lambda: requests.post(f"{base}/v1/image", json={"prompt": {"3": {"class_type": "KSampler"}}},
-                                       timeout=120),
-    }
-
-
 def _drive(base: str, stop: threading.Event) -> None:
-    jobs = demo_jobs(base)
     order = ["image", "tts", "llm", "stt"]
     for round_no in itertools.count(1):
         threads = []
@@ -61,8 +45,8 @@ def _drive(base: str, stop: threading.Event) -> None:
             def run(kind=kind):
                 t0 = time.monotonic()
                 try:
-                    r = jobs[kind]()
-                    n = sum(len(c) for c in r.iter_content(None))
+                    r = send_job(base, kind)
+                    n = len(r.content)
                     print(f"  round {round_no}: {kind:5s} -> {r.status_code} ({n} bytes, "
                           f"{time.monotonic() - t0:.1f} s)", flush=True)
                 except requests.RequestException as e:
@@ -91,8 +75,7 @@ def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
         return 1
     env = dict(os.environ, **{CONFIG_ENV: DEMO_CONFIG})
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
-                             "python:mgpumanager.gunicorn_conf", "--bind", bind,
-                             "--access-logfile", "/dev/null"], env=env)
+                             "python:mgpumanager.gunicorn_conf", "--bind", bind], env=env)
     base = f"http://{bind}"
     stop = threading.Event()
     try:

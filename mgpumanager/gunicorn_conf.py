@@ -37,7 +37,10 @@ timeout = 60
 # systemd's stop: finish or cut running jobs within this many seconds.
 graceful_timeout = 30
 keepalive = 5
-accesslog = "-"
+# The broker logs one line per GPU job and per eviction itself (to the error
+# log, so the journal); an access log line for every status poll would bury
+# them. Add --access-logfile - to get one.
+accesslog = None
 errorlog = "-"
 loglevel = "info"
 # gunicorn's control socket sits at one path per user, so a second broker

@@ -99,11 +99,12 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     else:
         b.check_healthy(name, kind)
     query = environ.get("QUERY_STRING")
-    url = consumer.url + upstream_path + (f"?{query}" if query else "")
     body = request_body(environ)
     try:
-        upstream = b.client.send(method, url, headers=request_headers(environ), data=body,
-                                 read_timeout_s=consumer.read_timeout_s, consumer=name)
+        upstream = b.upstream.open(method, consumer.url,
+                                   upstream_path + (f"?{query}" if query else ""),
+                                   headers=request_headers(environ), body=body,
+                                   read_timeout_s=consumer.read_timeout_s, consumer=name)
     except BrokerError as e:
         e.kind = kind
         if job is not None:
@@ -115,7 +116,7 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
             job.finish(ok=False, error="the request to the upstream failed")
         raise
 
-    status = upstream.status_code
+    status = upstream.status
     bodyless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
 
     guard_key = None
@@ -136,7 +137,7 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
                                          job.started + b.config.scheduler.job_timeout_s,
                                          streamed.cut)
     return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
-                               response_headers(upstream.raw.headers))
+                               response_headers(upstream.headers))
 
 
 @bp.post("/v1/<kind>")

@@ -1,7 +1,5 @@
 """VRAM-aware eviction end to end: simulated consumers on one simulated GPU."""
 
-import concurrent.futures as cf
-import random
 import time
 
 import requests
@@ -9,30 +7,9 @@ import requests
 from conftest import TIME_SCALE, sim_config
 from mgpumanager.sim import start_cluster
 from mgpumanager.sim.consumers import wav_bytes
+from mgpumanager.sim.traffic import DIRECT_CONSUMER, DIRECT_PATHS, send_job, storm
 
 WAV = wav_bytes(0.2)
-
-
-def mixed_job(base: str, kind: str, paths: dict[str, str]) -> requests.Response:
-    url = base + paths[kind]
-    if kind == "tts":
-        return requests.post(url, json={"text": "storm"}, timeout=120)
-    if kind == "stt":
-        return requests.post(url, files={"file": ("a.wav", WAV, "audio/wav")}, timeout=120)
-    if kind == "llm":
-        r = requests.post(url, json={"prompt": "x", "options": {"num_predict": 4}},
-                          stream=True, timeout=120)
-        r._content = b"".join(r.iter_content(None))
-        return r
-    return requests.post(url, json={"prompt": {"1": {}}}, timeout=120)
-
-
-def storm(send, n: int = 40, seed: int = 7) -> list[requests.Response]:
-    kinds = ["tts", "stt", "llm", "image"] * (n // 4)
-    random.Random(seed).shuffle(kinds)
-    with cf.ThreadPoolExecutor(n) as pool:
-        return list(pool.map(send, kinds))
-
 
 def wait_idle(cluster, timeout=30):
     deadline = time.monotonic() + timeout
@@ -44,9 +21,8 @@ def wait_idle(cluster, timeout=30):
 def test_a_storm_sent_directly_over_commits_the_gpu():
     cluster = start_cluster(24576, time_scale=TIME_SCALE)
     try:
-        paths = {"tts": "/api/tts", "stt": "/inference", "llm": "/api/generate", "image": "/prompt"}
-        results = storm(lambda k: mixed_job(cluster.consumers[
-            {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"}[k]].url, k, paths))
+        results = storm(lambda k: send_job(cluster.consumers[DIRECT_CONSUMER[k]].url, k,
+                                           DIRECT_PATHS))
         wait_idle(cluster)
         failed = [r for r in results if r.status_code != 200]
         assert cluster.gpu.ooms > 0
@@ -57,8 +33,7 @@ def test_a_storm_sent_directly_over_commits_the_gpu():
 
 
 def test_the_same_storm_through_the_broker_completes_without_an_oom(broker, sim):
-    paths = {k: f"/v1/{k}" for k in ("tts", "stt", "llm", "image")}
-    results = storm(lambda k: mixed_job(broker.url, k, paths))
+    results = storm(lambda k: send_job(broker.url, k))
     wait_idle(sim)
     assert [r.status_code for r in results] == [200] * 40, [r.text for r in results if r.status_code != 200]
     assert sim.gpu.ooms == 0, sim.gpu.oom_log
