@@ -178,8 +178,18 @@ def start_broker(tmp_path):
 
 
 @pytest.fixture
-def broker(sim, echo, start_broker):
+def broker_with(sim, echo, start_broker):
+    """Start a broker whose config is the tests' default with ``overrides``
+    merged in (``{"scheduler": {"max_queue": 3}}``), once all are healthy."""
+    def start(overrides: dict | None = None) -> BrokerProcess:
+        cfg = deep_merge(sim_config(sim, echo), overrides or {})
+        b = start_broker(cfg)
+        b.wait_healthy(*cfg["consumers"])
+        return b
+    return start
+
+
+@pytest.fixture
+def broker(broker_with):
     """The broker in front of the simulated consumers and the echo upstream."""
-    b = start_broker(sim_config(sim, echo))
-    b.wait_healthy("mvoice", "whisper", "ollama", "comfyui", "echo")
-    return b
+    return broker_with()

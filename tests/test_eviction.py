@@ -4,7 +4,7 @@ import time
 
 import requests
 
-from conftest import TIME_SCALE, sim_config
+from conftest import TIME_SCALE
 from mgpumanager.sim import start_cluster
 from mgpumanager.sim.consumers import wav_bytes
 from mgpumanager.sim.traffic import DIRECT_CONSUMER, DIRECT_PATHS, send_job, storm
@@ -73,11 +73,8 @@ def test_resident_targets_cause_no_admin_calls(broker, sim):
     assert sim.comfyui.requests_to("/free") == [] or not sim.comfyui.loaded
 
 
-def test_a_job_that_can_never_fit_is_refused_without_unloading_anyone(sim, start_broker):
-    cfg = sim_config(sim)
-    cfg["consumers"]["comfyui"]["vram_resident_mib"] = 30000
-    b = start_broker(cfg)
-    b.wait_healthy("comfyui")
+def test_a_job_that_can_never_fit_is_refused_without_unloading_anyone(broker_with, sim):
+    b = broker_with({"consumers": {"comfyui": {"vram_resident_mib": 30000}}})
     requests.post(b.url + "/v1/tts", json={"text": "x"})
     r = requests.post(b.url + "/v1/image", json={"prompt": {"1": {}}})
     assert r.status_code == 503

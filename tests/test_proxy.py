@@ -195,12 +195,8 @@ def test_connect_failure_is_502_json(broker, echo):
     assert err["code"] == "upstream_unreachable" and err["consumer"] == "echo"
 
 
-def test_read_timeout_is_504_json(sim, echo, start_broker):
-    from conftest import sim_config
-    cfg = sim_config(sim, echo)
-    cfg["consumers"]["echo"]["read_timeout_s"] = 0.3
-    b = start_broker(cfg)
-    b.wait_healthy("echo")
+def test_read_timeout_is_504_json(broker_with):
+    b = broker_with({"consumers": {"echo": {"read_timeout_s": 0.3}}})
     t0 = time.monotonic()
     r = requests.post(b.url + "/upstream/echo/slow?s=3")
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"

@@ -6,7 +6,6 @@ import time
 
 import requests
 
-from conftest import sim_config
 
 
 def wait_until(predicate, timeout=5.0, what="condition"):
@@ -75,11 +74,8 @@ def test_a_job_never_starts_while_another_response_is_streaming(broker, echo):
     assert out["result"].status_code == 200 and len(echo.requests_to("/echo")) == 1
 
 
-def test_full_queue_refuses_at_once_while_status_answers_fast(sim, echo, start_broker):
-    cfg = sim_config(sim, echo)
-    cfg["scheduler"]["max_queue"] = 3
-    b = start_broker(cfg)
-    b.wait_healthy("echo")
+def test_full_queue_refuses_at_once_while_status_answers_fast(broker_with, echo):
+    b = broker_with({"scheduler": {"max_queue": 3}})
     held = hold_gpu(b)
     waiters = [background(lambda: requests.post(b.url + "/v1/echo", data=b"w", timeout=30))
                for _ in range(3)]
@@ -104,11 +100,8 @@ def test_full_queue_refuses_at_once_while_status_answers_fast(sim, echo, start_b
         assert out["result"].status_code == 200
 
 
-def test_queue_timeout_comes_after_the_configured_wait(sim, echo, start_broker):
-    cfg = sim_config(sim, echo)
-    cfg["scheduler"]["queue_timeout_s"] = 1
-    b = start_broker(cfg)
-    b.wait_healthy("echo")
+def test_queue_timeout_comes_after_the_configured_wait(broker_with, echo):
+    b = broker_with({"scheduler": {"queue_timeout_s": 1}})
     held = hold_gpu(b)
     t0 = time.monotonic()
     r = requests.post(b.url + "/v1/echo", data=b"x")
@@ -149,11 +142,8 @@ def test_a_client_leaving_while_queued_is_never_sent_upstream(broker, echo):
     assert broker.status()["scheduler"]["abandoned"] == 1
 
 
-def test_a_job_past_job_timeout_is_cut_off_and_frees_the_gpu(sim, echo, start_broker):
-    cfg = sim_config(sim, echo)
-    cfg["scheduler"]["job_timeout_s"] = 0.5
-    b = start_broker(cfg)
-    b.wait_healthy("echo")
+def test_a_job_past_job_timeout_is_cut_off_and_frees_the_gpu(broker_with):
+    b = broker_with({"scheduler": {"job_timeout_s": 0.5}})
     t0 = time.monotonic()
     r = requests.post(b.url + "/upstream/echo/hold", stream=True, timeout=30)
     got = b""
