@@ -137,7 +137,6 @@ class Broker:
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
         self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._stats_lock = threading.Lock()
         # Guarded by _stats_lock:
         self._total_jobs = 0
@@ -157,9 +156,7 @@ class Broker:
         self.sampler.start()
         self.health.start()
         if any(c.idle_unload_s for c in self.config.consumers.values()):
-            t = threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True)
-            t.start()
-            self._threads.append(t)
+            threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True).start()
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
                         f"GPU reading from {self.reader.source}")
 

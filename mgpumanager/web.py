@@ -132,12 +132,16 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
                    error=error)
 
     streamed = StreamedBody(upstream, on_close, bodyless=bodyless)
-    if job is not None and not bodyless:
-        guard_key = b.stream_guard.watch(environ.get("gunicorn.socket"),
-                                         job.started + b.config.scheduler.job_timeout_s,
-                                         streamed.cut)
-    return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
-                               response_headers(upstream.headers))
+    try:
+        if job is not None and not bodyless:
+            guard_key = b.stream_guard.watch(environ.get("gunicorn.socket"),
+                                             job.started + b.config.scheduler.job_timeout_s,
+                                             streamed.cut)
+        return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
+                                   response_headers(upstream.headers))
+    except BaseException:
+        streamed.close()          # until the server holds the body, nobody else will
+        raise
 
 
 @bp.post("/v1/<kind>")

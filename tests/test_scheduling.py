@@ -168,7 +168,7 @@ def test_an_image_job_holds_the_gpu_until_the_render_ends(broker, sim):
     t0 = time.monotonic()
     assert requests.get(broker.url + "/upstream/comfyui/queue").json()["queue_running"]
     requests.get(broker.url + f"/upstream/comfyui/history/{pid}")
-    assert time.monotonic() - t0 < 0.3
+    assert time.monotonic() - t0 < 0.5            # the render takes 0.8 s
     t.join(30)
     assert out["result"].status_code == 200
     image = next(j for j in sim.gpu.jobs if j.kind == "image")

@@ -1,5 +1,6 @@
 """What people and monitoring see: /metrics, /v1/events, the status page."""
 
+import json
 import os
 import shutil
 import time
@@ -74,6 +75,22 @@ def test_job_logs_go_to_the_error_log_one_line_per_job(broker):
     time.sleep(0.2)
     lines = [ln for ln in broker.log().splitlines() if "job consumer=mvoice" in ln]
     assert lines and "status=200" in lines[-1] and "wait_ms=" in lines[-1]
+
+
+def test_json_log_format_writes_one_object_per_job_and_eviction(broker_with):
+    b = broker_with({"server": {"log_format": "json"}})
+    fill = [("llm", {"json": {"prompt": "x"}}), ("stt", {"files": {"file": ("a.wav", b"RIFF")}}),
+            ("image", {"json": {"prompt": {"1": {}}}}), ("tts", {"json": {"text": "x"}})]
+    for kind, kw in fill:
+        assert requests.post(b.url + f"/v1/{kind}", **kw).ok
+    time.sleep(0.2)
+    records = [json.loads(ln) for ln in b.log().splitlines() if ln.startswith("{")]
+    jobs = [r for r in records if r.get("event") == "job"]
+    assert [j["kind"] for j in jobs] == ["llm", "stt", "image", "tts"]
+    assert jobs[-1]["evicted"] == ["comfyui"] and jobs[-1]["status"] == 200
+    assert {"ts", "level", "logger", "wait_ms", "run_ms", "bytes_in", "bytes_out"} <= set(jobs[-1])
+    evictions = [r for r in records if r.get("event") == "eviction"]
+    assert evictions and evictions[-1]["victim"] == "comfyui" and evictions[-1]["for"] == "mvoice"
 
 
 @pytest.mark.browser
