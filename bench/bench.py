@@ -366,10 +366,15 @@ def run(quick: bool) -> dict:
         print("lock hand-off...", flush=True)
         gaps = []
         requests.get(f"http://127.0.0.1:{up_port}/log")
+        def slow_job():
+            c = broker.conn()
+            c.request("POST", broker.path("slow", "ms=50"))
+            c.getresponse().read()
+            c.close()
         for _ in range(reps):
             threads = []
             for _ in range(16):
-                th = threading.Thread(target=lambda: requests.post(burl + "/v1/slow?ms=50", timeout=60))
+                th = threading.Thread(target=slow_job)
                 th.start()
                 threads.append(th)
                 time.sleep(0.002)
