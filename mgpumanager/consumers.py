@@ -119,6 +119,7 @@ class ConsumerState:
         # is harmless, over-committing is not); without one it cold-starts.
         self.loaded: bool | None = None if config.unload else False
         self.reports_loaded = False        # its health body carries "loaded"
+        self.state_set_at = float("-inf")  # monotonic: when the broker last set `loaded`
         self.last_used: float | None = None        # monotonic, for LRU
         self.last_used_wall: float | None = None
         self.active = 0
@@ -145,7 +146,7 @@ class ConsumerRegistry:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
                  on_health_change: Callable[[str, bool, str | None], None] | None = None):
         self.config = config
-        self._clock = clock
+        self.clock = clock
         self._on_health_change = on_health_change
         self._lock = threading.Lock()
         self._states = {name: ConsumerState(c, config.kinds_of(name))
@@ -184,7 +185,10 @@ class ConsumerRegistry:
 
     # -- updates -------------------------------------------------------------
 
-    def record_health(self, name: str, result: HealthResult) -> None:
+    def record_health(self, name: str, result: HealthResult, sent_at: float | None = None) -> None:
+        """Record a probe's result. Its ``loaded`` is ignored if the broker set
+        the state after the probe was sent (``sent_at``, on the registry's
+        clock): an answer from before an unload must not undo it."""
         with self._lock:
             s = self._states[name]
             changed = s.healthy is not None and s.healthy != result.ok
@@ -194,7 +198,8 @@ class ConsumerRegistry:
             s.last_error = result.error if not result.ok else s.last_error
             if result.loaded is not None:
                 s.reports_loaded = True
-                s.loaded = result.loaded
+                if sent_at is None or sent_at >= s.state_set_at:
+                    s.loaded = result.loaded
         if (changed or (first and not result.ok)) and self._on_health_change:
             self._on_health_change(name, result.ok, result.error)
 
@@ -209,7 +214,7 @@ class ConsumerRegistry:
             s = self._states[name]
             s.active -= 1
             if ok:
-                s.last_used = self._clock()
+                s.last_used = s.state_set_at = self.clock()
                 s.last_used_wall = time.time()
                 s.loaded = True
             else:
@@ -225,11 +230,12 @@ class ConsumerRegistry:
         with self._lock:
             s = self._states[name]
             s.loaded = loaded
+            s.state_set_at = self.clock()
             if counted == "eviction":
                 s.evictions += 1
             elif counted == "load":
                 s.loads += 1
-                s.last_used = s.last_used or self._clock()
+                s.last_used = s.last_used or self.clock()
 
     def unload_failed(self, name: str, error: str) -> None:
         with self._lock:
@@ -263,8 +269,9 @@ class HealthMonitor:
         self._stop.set()
 
     def probe(self, name: str) -> HealthResult:
+        sent_at = self.registry.clock()
         result = self.actions.probe_health(self.registry.config.consumers[name])
-        self.registry.record_health(name, result)
+        self.registry.record_health(name, result, sent_at)
         return result
 
     def _run(self, name: str) -> None:

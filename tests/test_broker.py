@@ -199,3 +199,14 @@ def test_idle_consumers_are_unloaded_after_idle_unload_s():
         assert b.registry.loaded("mvoice") is False
     finally:
         b.stop()
+
+
+def test_a_probe_answer_from_before_an_unload_does_not_undo_it():
+    b, _ = make_broker()
+    set_loaded(b, comfyui=True)
+    sent_at = b.registry.clock()           # a probe goes out...
+    b.unload("comfyui")                    # ...the broker unloads meanwhile...
+    b.registry.record_health("comfyui", HealthResult(True, loaded=True), sent_at)
+    assert b.registry.loaded("comfyui") is False     # ...and its stale answer is ignored
+    b.registry.record_health("comfyui", HealthResult(True, loaded=True), b.registry.clock())
+    assert b.registry.loaded("comfyui") is True      # a later probe is believed
