@@ -8,9 +8,11 @@ or went away.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import select
 import socket
+import time
 from typing import Callable
 from urllib.parse import quote
 
@@ -225,6 +227,19 @@ def healthz():
 def metrics():
     registry = current_app.extensions["mgpumanager.metrics"]
     return Response(render_metrics(registry), mimetype=METRICS_CONTENT_TYPE)
+
+
+@bp.app_template_filter("ago")
+def ago(iso: str | None) -> str:
+    """'12 s ago' for an ISO time from /v1/status, as the page's script writes it."""
+    if not iso:
+        return "never"
+    seconds = time.time() - calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+    if seconds < 1:
+        return "just now"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    return f"{seconds / 60:.0f} min ago" if seconds < 5400 else f"{seconds / 3600:.1f} h ago"
 
 
 @bp.get("/")
