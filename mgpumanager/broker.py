@@ -210,7 +210,7 @@ class Broker:
             raise
         job = Job(self, ticket, consumer, kind, self.clock())
         try:
-            self._make_room(job, deadline)
+            self._make_room(job, deadline, cancelled)
         except BaseException as e:
             if isinstance(e, BrokerError):
                 self._count_refusal(e.code, consumer)
@@ -296,7 +296,8 @@ class Broker:
 
     # -- making room (always under the GPU lock) -----------------------------
 
-    def _make_room(self, job: Job, deadline: float) -> None:
+    def _make_room(self, job: Job, deadline: float,
+                   cancelled: Callable[[], bool] | None = None) -> None:
         target = job.consumer
         c = self.config.consumers[target]
         sched = self.config.scheduler
@@ -335,6 +336,8 @@ class Broker:
             if self.clock() >= deadline:
                 raise InsufficientVram(f"{plan.reason}; {self._holders(reading)}",
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
+            if cancelled is not None and cancelled():
+                raise Abandoned("the client went away while its job waited for VRAM")
             self.sleep(min(1.0, max(0.0, deadline - self.clock())))
         if c.load is not None and self.registry.loaded(target) is not True:
             self._load(target, job, deadline)
@@ -427,7 +430,7 @@ class Broker:
         ticket = self._admin_ticket(name, "load", cancelled)
         try:
             job = Job(self, ticket, name, None, self.clock())
-            self._make_room(job, self.clock() + self.config.scheduler.queue_timeout_s)
+            self._make_room(job, self.clock() + self.config.scheduler.queue_timeout_s, cancelled)
             return {"consumer": name, "loaded": self.registry.loaded(name),
                     "evicted": job.evicted}
         except BrokerError as e:

@@ -9,7 +9,7 @@ import pytest
 from mgpumanager.broker import Broker
 from mgpumanager.config import parse_config
 from mgpumanager.consumers import HealthResult
-from mgpumanager.errors import ConsumerUnhealthy, InsufficientVram
+from mgpumanager.errors import Abandoned, ConsumerUnhealthy, InsufficientVram
 
 CONFIG = {
     "gpu": {"backend": "ledger", "total_mib": 20000, "cushion_mib": 0},
@@ -210,3 +210,16 @@ def test_a_probe_answer_from_before_an_unload_does_not_undo_it():
     assert b.registry.loaded("comfyui") is False     # ...and its stale answer is ignored
     b.registry.record_health("comfyui", HealthResult(True, loaded=True), b.registry.clock())
     assert b.registry.loaded("comfyui") is True      # a later probe is believed
+
+
+def test_a_client_leaving_while_its_job_waits_for_vram_frees_the_gpu():
+    b, _ = make_broker({"scheduler": {"queue_timeout_s": 30}}, fail=["comfyui", "whisper"])
+    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    gone = threading.Event()
+    threading.Timer(0.2, gone.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Abandoned):
+        b.start_job("mvoice", "tts", cancelled=gone.is_set)
+    assert time.monotonic() - t0 < 2.5        # not the 30 s queue deadline
+    assert b.lock.snapshot().holder is None
+    assert b.status()["scheduler"]["abandoned"] == 1
