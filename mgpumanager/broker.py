@@ -95,7 +95,6 @@ class Job:
         self.kind = kind
         self.started = started
         self.evicted: list[str] = []
-        self.loaded = False
         self._finished = False
         self._finish_lock = threading.Lock()
 
@@ -340,7 +339,7 @@ class Broker:
                 raise Abandoned("the client went away while its job waited for VRAM")
             self.sleep(min(1.0, max(0.0, deadline - self.clock())))
         if c.load is not None and self.registry.loaded(target) is not True:
-            self._load(target, job, deadline)
+            self._load(target, deadline)
 
     def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
         """Poll the reading until the unload shows (drivers free memory late)."""
@@ -376,7 +375,7 @@ class Broker:
                                        "for": for_whom, "reason": why, "ms": round(ms, 1)}})
         return True
 
-    def _load(self, target: str, job: Job, deadline: float) -> None:
+    def _load(self, target: str, deadline: float) -> None:
         c = self.config.consumers[target]
         t0 = self.clock()
         error = self.actions.call(c, c.load)
@@ -392,7 +391,6 @@ class Broker:
                 break
             self.sleep(0.1)
         self.registry.mark_loaded(target, True, counted="load")
-        job.loaded = True
         with self._stats_lock:
             self._loads[target] += 1
         ms = (self.clock() - t0) * 1000

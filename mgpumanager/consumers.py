@@ -118,7 +118,6 @@ class ConsumerState:
         # Unknown at start: with an unload route it may be resident (unloading
         # is harmless, over-committing is not); without one it cold-starts.
         self.loaded: bool | None = None if config.unload else False
-        self.reports_loaded = False        # its health body carries "loaded"
         self.state_set_at = float("-inf")  # monotonic: when the broker last set `loaded`
         self.last_used: float | None = None        # monotonic, for LRU
         self.last_used_wall: float | None = None
@@ -197,7 +196,6 @@ class ConsumerRegistry:
             s.last_probe_at = time.time()
             s.last_error = result.error if not result.ok else s.last_error
             if result.loaded is not None:
-                s.reports_loaded = True
                 if sent_at is None or sent_at >= s.state_set_at:
                     s.loaded = result.loaded
         if (changed or (first and not result.ok)) and self._on_health_change:
