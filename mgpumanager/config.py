@@ -252,7 +252,7 @@ class _Reader:
             return None
         try:
             parts = urlsplit(value)
-            parts.port  # raises on a port that is not a number
+            _ = parts.port  # raises ValueError on a port that is not a number
         except ValueError:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \

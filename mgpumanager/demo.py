@@ -42,7 +42,7 @@ def _drive(base: str, stop: threading.Event) -> None:
     for round_no in itertools.count(1):
         threads = []
         for kind in order:
-            def run(kind=kind):
+            def run(kind=kind, round_no=round_no):
                 t0 = time.monotonic()
                 try:
                     r = send_job(base, kind)

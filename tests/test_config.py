@@ -1,5 +1,6 @@
 """Config loading: every problem in one run, each with its file and key path."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_good_config_loads_into_frozen_objects():
     assert cfg.consumers["comfyui"].unload.json == {"unload_models": True}
     assert cfg.consumers["comfyui"].busy.keys == ("queue_running",)
     assert cfg.gpu.cushion_mib == 256 and cfg.scheduler.max_queue == 32
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.gpu.cushion_mib = 1
 
 
