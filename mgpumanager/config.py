@@ -335,7 +335,7 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         else:
             good_paths[str(kind)] = p
     resident = r.integer(node, "vram_resident_mib", path, None, 0, "a whole number of MiB")
-    if "vram_resident_mib" not in node:
+    if node.get("vram_resident_mib") is None:           # absent, or `null`
         r.problem(f"{path}.vram_resident_mib", "a whole number of MiB >= 0 (required)")
     coexist = node.get("can_coexist_with", [])
     if not isinstance(coexist, list) or not all(isinstance(c, str) for c in coexist):
@@ -454,7 +454,9 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
             kpath = f"routes.{kind}"
             if not isinstance(target, str) or target not in raw_consumers:
                 r.problem(kpath, f"the name of a consumer ({', '.join(raw_consumers)})", target)
-            elif target in consumers and str(kind) not in consumers[target].paths:
+            elif target not in consumers:
+                pass                  # that consumer's own problems are reported already
+            elif str(kind) not in consumers[target].paths:
                 r.problem(kpath, f"a consumer with a paths.{kind} entry (consumers.{target}.paths "
                           f"has {', '.join(consumers[target].paths) or 'none'})", target)
             else:

@@ -149,3 +149,10 @@ def test_check_config_command_exit_codes(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert str(bad) in out.stderr and "routes.tts: expected the name of a consumer (a)" in out.stderr
+
+
+def test_a_null_required_key_is_a_problem_not_a_silently_dropped_consumer():
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["consumers"]["mvoice"]["vram_resident_mib"] = None
+    assert problems_of(data) == [
+        "consumers.mvoice.vram_resident_mib: a whole number of MiB >= 0 (required)"]
