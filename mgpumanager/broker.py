@@ -14,6 +14,7 @@ Threading rules (docs/design.md has the long form):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -26,8 +27,8 @@ from typing import Callable
 from . import __version__
 from .config import Config
 from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor, HttpActions
-from .errors import (Abandoned, BrokerError, ConsumerUnhealthy, InsufficientVram,
-                     UnknownConsumer, UnknownKind)
+from .errors import (Abandoned, BadRequest, BrokerError, ConsumerUnhealthy, InsufficientVram,
+                     UnknownConsumer, UnknownKind, UnloadFailed)
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .policy import plan_room
@@ -49,12 +50,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        for i, b in enumerate(self.bounds):
-            if value <= b:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1    # first bound >= value
         self.sum += value
 
     def snapshot(self) -> dict:
@@ -141,6 +137,7 @@ class Broker:
         self._total_jobs = 0
         self._outcomes: Counter = Counter()          # (consumer, "ok" | "error")
         self._rejected: Counter = Counter()          # contract code -> count
+        self._abandoned = 0                          # queued jobs whose client left
         self._evictions: Counter = Counter()         # victim -> count
         self._loads: Counter = Counter()
         self._last_wait_ms: float | None = None
@@ -184,38 +181,16 @@ class Broker:
         healthy, probed_at, error = self.registry.health(name)
         if healthy is False:
             ago = time.time() - probed_at if probed_at else 0.0
-            self._count_refusal("consumer_unhealthy", name)
             raise ConsumerUnhealthy(f"{name} failed its last health probe {ago:.1f} s ago: {error}",
                                     consumer=name, kind=kind)
 
     # -- jobs ----------------------------------------------------------------
 
     def start_job(self, consumer: str, kind: str | None = None, *,
-                  cancelled: Callable[[], bool] | None = None, label: str | None = None) -> Job:
+                  cancelled: Callable[[], bool] | None = None) -> Job:
         """Wait for the GPU in arrival order, make room for ``consumer``, and
         return the running Job. Raises a BrokerError (nothing held) if refused."""
-        self.check_healthy(consumer, kind)
-        sched = self.config.scheduler
-        deadline = self.clock() + sched.queue_timeout_s
-        label = label or f"{consumer}:{kind or 'upstream'}"
-        try:
-            ticket = self.lock.acquire(label, sched.queue_timeout_s, cancelled=cancelled)
-        except BrokerError as e:
-            self._count_refusal(e.code, consumer)
-            e.consumer, e.kind = consumer, kind
-            if isinstance(e, Abandoned):
-                self.events.add("abandoned", f"a {label} job was dropped: its client left while "
-                                "it waited", consumer=consumer)
-            raise
-        job = Job(self, ticket, consumer, kind, self.clock())
-        try:
-            self._make_room(job, deadline, cancelled)
-        except BaseException as e:
-            if isinstance(e, BrokerError):
-                self._count_refusal(e.code, consumer)
-                e.consumer, e.kind = consumer, kind
-            self.lock.release(ticket)
-            raise
+        job = self._room_for(consumer, kind, f"{consumer}:{kind or 'upstream'}", cancelled)
         job.started = self.clock()
         self.registry.job_started(consumer)
         with self._stats_lock:
@@ -223,6 +198,51 @@ class Broker:
             self._last_wait_ms = job.wait_s * 1000
             self._wait_hist.observe(job.wait_s)
         return job
+
+    def _room_for(self, consumer: str, kind: str | None, label: str,
+                  cancelled: Callable[[], bool] | None) -> Job:
+        """Health check, the GPU lock, room made: a Job holding the lock."""
+        try:
+            self.check_healthy(consumer, kind)
+        except BrokerError as e:
+            self._refused(e, consumer, kind)
+            raise
+        deadline = self.clock() + self.config.scheduler.queue_timeout_s
+        job = Job(self, self._acquire(consumer, kind, label, cancelled), consumer, kind,
+                  self.clock())
+        try:
+            self._make_room(job, deadline, cancelled)
+        except BaseException as e:
+            self.lock.release(job.ticket)
+            if isinstance(e, BrokerError):
+                self._refused(e, consumer, kind)
+            raise
+        return job
+
+    def _acquire(self, consumer: str, kind: str | None, label: str,
+                 cancelled: Callable[[], bool] | None) -> Ticket:
+        try:
+            return self.lock.acquire(label, self.config.scheduler.queue_timeout_s,
+                                     cancelled=cancelled)
+        except BrokerError as e:
+            self._refused(e, consumer, kind)
+            raise
+
+    def _refused(self, e: BrokerError, consumer: str, kind: str | None) -> None:
+        """Count and record a GPU job that will not run (the one place that does)."""
+        e.consumer = e.consumer or consumer
+        e.kind = e.kind or kind
+        if isinstance(e, Abandoned):
+            with self._stats_lock:
+                self._abandoned += 1
+            self.events.add("abandoned", f"a {consumer} job was dropped: {e.message}",
+                            consumer=consumer)
+            return
+        with self._stats_lock:
+            self._rejected[e.code] += 1
+        self.registry.job_refused(consumer)
+        self.events.add("refused", f"a {consumer} job was refused ({e.code}): {e.message}",
+                        consumer=consumer, code=e.code)
 
     def _job_done(self, job: Job, *, ok: bool, status: int | None, bytes_in: int,
                   bytes_out: int, error: str | None) -> None:
@@ -274,15 +294,6 @@ class Broker:
             if self._current is job:
                 self._current = None
         self.lock.release(job.ticket)
-
-    def _count_refusal(self, code: str, consumer: str | None) -> None:
-        with self._stats_lock:
-            self._rejected[code] += 1
-        if consumer in self.registry:
-            self.registry.job_refused(consumer)
-        if code != "client_gone":
-            self.events.add("refused", f"a job for {consumer} was refused: {code}",
-                            consumer=consumer, code=code)
 
     @staticmethod
     def _log_job(fields: dict) -> None:
@@ -409,14 +420,14 @@ class Broker:
     # -- explicit load / unload ----------------------------------------------
 
     def unload(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
-        c = self.config.consumers[name]
-        ticket = self._admin_ticket(name, "unload", cancelled)
+        if self.config.consumers[name].unload is None:
+            raise BadRequest(f"{name} has no unload route", consumer=name)
+        ticket = self._acquire(name, None, f"{name}:unload", cancelled)
         try:
-            if c.unload is None:
-                raise BrokerError(f"{name} has no unload route", consumer=name)
             if not self._unload(name, "on request", None):
-                raise BrokerError(f"unloading {name} failed: "
-                                  f"{self.registry.snapshot()[name]['last_error']}", consumer=name)
+                raise UnloadFailed(f"unloading {name} failed: "
+                                   f"{self.registry.snapshot()[name]['last_error']}",
+                                   consumer=name)
             return {"consumer": name, "loaded": False}
         finally:
             self.lock.release(ticket)
@@ -424,28 +435,9 @@ class Broker:
     def load(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         """Make room for ``name`` and call its load route, under the lock.
         Without a load route it still makes room: it loads on its first job."""
-        self.check_healthy(name)
-        ticket = self._admin_ticket(name, "load", cancelled)
-        try:
-            job = Job(self, ticket, name, None, self.clock())
-            self._make_room(job, self.clock() + self.config.scheduler.queue_timeout_s, cancelled)
-            return {"consumer": name, "loaded": self.registry.loaded(name),
-                    "evicted": job.evicted}
-        except BrokerError as e:
-            self._count_refusal(e.code, name)
-            e.consumer = name
-            raise
-        finally:
-            self.lock.release(ticket)
-
-    def _admin_ticket(self, name: str, what: str, cancelled) -> Ticket:
-        try:
-            return self.lock.acquire(f"{name}:{what}", self.config.scheduler.queue_timeout_s,
-                                     cancelled=cancelled)
-        except BrokerError as e:
-            self._count_refusal(e.code, name)
-            e.consumer = name
-            raise
+        job = self._room_for(name, None, f"{name}:load", cancelled)
+        self.lock.release(job.ticket)
+        return {"consumer": name, "loaded": self.registry.loaded(name), "evicted": job.evicted}
 
     def _idle_unloader(self) -> None:
         while not self._stop.wait(1.0):
@@ -479,8 +471,6 @@ class Broker:
             return {
                 "queue_depth": snap.queue_depth,
                 "in_flight": 1 if snap.holder else 0,
-                "holder": snap.holder,
-                "held_for_s": snap.held_for_s,
                 "running": ({"consumer": current.consumer, "kind": current.kind,
                              "running_s": round(self.clock() - current.started, 3),
                              "evicted": list(current.evicted)} if current else None),
@@ -488,9 +478,9 @@ class Broker:
                 "oldest_queued_s": round(snap.oldest_queued_s, 3)
                 if snap.oldest_queued_s is not None else None,
                 "total_jobs": self._total_jobs,
-                "rejected": sum(v for k, v in self._rejected.items() if k != "client_gone"),
-                "rejected_by_code": {k: v for k, v in self._rejected.items() if k != "client_gone"},
-                "abandoned": self._rejected["client_gone"],
+                "rejected": sum(self._rejected.values()),
+                "rejected_by_code": dict(self._rejected),
+                "abandoned": self._abandoned,
                 "last_wait_ms": round(self._last_wait_ms, 1) if self._last_wait_ms is not None else None,
                 "last_run_ms": round(self._last_run_ms, 1) if self._last_run_ms is not None else None,
                 "evictions": sum(self._evictions.values()),
@@ -518,7 +508,7 @@ class Broker:
         gpu["other_mib"] = (max(0, reading.used_mib - sum(h["mib"] for h in holders))
                             if reading.used_mib is not None else None)
         for private in ("outcomes", "evictions_by_consumer", "loads_by_consumer",
-                        "wait_seconds", "run_seconds", "holder", "held_for_s"):
+                        "wait_seconds", "run_seconds"):
             stats.pop(private)
         return {
             "broker": {"version": __version__, "pid": os.getpid(),

@@ -96,7 +96,7 @@ class HttpActions:
         try:
             with self._send("GET", c, c.busy.path, self.health_timeout_s) as r:
                 body = r.json() if r.status_code == 200 else {}
-        except (BrokerError, ValueError, requests.RequestException) as e:
+        except (BrokerError, ValueError) as e:       # ValueError: not JSON
             log.warning("%s: busy probe %s failed: %s", c.name, c.busy.path, e)
             return False
         if not isinstance(body, dict):
@@ -194,7 +194,8 @@ class ConsumerRegistry:
             first = s.healthy is None
             s.healthy = result.ok
             s.last_probe_at = time.time()
-            s.last_error = result.error if not result.ok else s.last_error
+            if not result.ok:
+                s.last_error = result.error
             if result.loaded is not None:
                 if sent_at is None or sent_at >= s.state_set_at:
                     s.loaded = result.loaded

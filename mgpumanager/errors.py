@@ -67,6 +67,11 @@ class InsufficientVram(BrokerError):
     status, code = 503, "insufficient_vram"
 
 
+class UnloadFailed(BrokerError):
+    """An explicit unload the consumer's own route did not carry out."""
+    status, code = 502, "unload_failed"
+
+
 class UpstreamUnreachable(BrokerError):
     status, code = 502, "upstream_unreachable"
 

@@ -48,7 +48,6 @@ class Ticket:
 class LockSnapshot:
     queue_depth: int
     holder: str | None
-    held_for_s: float | None
     oldest_queued_s: float | None
     waiting: tuple[str, ...]
 
@@ -133,7 +132,6 @@ class GpuLock:
             return LockSnapshot(
                 queue_depth=len(self._waiting),
                 holder=holder.label if holder else None,
-                held_for_s=(now - holder.granted_at) if holder else None,
                 oldest_queued_s=(now - self._waiting[0].enqueued_at) if self._waiting else None,
                 waiting=tuple(t.label for t in self._waiting))
 

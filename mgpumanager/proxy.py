@@ -112,18 +112,24 @@ class _SizedBodyStream(_BodyStream):
         return self._length
 
 
+def _framing(environ: dict) -> tuple[bool, int]:
+    """(chunked?, Content-Length or 0) of the client's body."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return True, 0
+    try:
+        return False, max(0, int(environ.get("CONTENT_LENGTH") or 0))
+    except ValueError:
+        return False, 0
+
+
 def request_body(environ: dict):
     """The body to send upstream, so that the upstream sees the client's framing."""
-    stream = environ["wsgi.input"]
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return _BodyStream(stream)
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length <= 0:
+    chunked, length = _framing(environ)
+    if chunked:
+        return _BodyStream(environ["wsgi.input"])
+    if length == 0:
         return b"" if environ.get("CONTENT_LENGTH") == "0" else None
-    return _SizedBodyStream(stream, length)
+    return _SizedBodyStream(environ["wsgi.input"], length)
 
 
 def drain_body(environ: dict, limit: int = 4 * CHUNK) -> None:
@@ -133,12 +139,8 @@ def drain_body(environ: dict, limit: int = 4 * CHUNK) -> None:
     body on a keep-alive connection, where the WSGI server either has to
     drain it or drop the connection under the client's next request.
     """
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if not chunked and (length <= 0 or length > limit):
+    chunked, length = _framing(environ)
+    if not chunked and not 0 < length <= limit:
         return
     stream, seen = environ["wsgi.input"], 0
     try:
@@ -149,6 +151,36 @@ def drain_body(environ: dict, limit: int = 4 * CHUNK) -> None:
             seen += len(data)
     except OSError:
         pass
+
+
+_GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def client_gone(environ: dict) -> Callable[[], bool] | None:
+    """A check that says whether the client has closed its connection.
+
+    gunicorn puts the client socket in the environ; the peer's FIN shows as
+    POLLRDHUP even while request bytes are still buffered unread.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | _GONE)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & _GONE:
+                return True
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+    return gone
 
 
 class UpstreamPool:
@@ -221,6 +253,11 @@ def describe(e: BaseException) -> str:
 class UpstreamBroken(Exception):
     """The upstream failed mid-body: the client's response must end abruptly,
     not with a clean end of chunks that would pass a truncated body as whole."""
+
+
+# Why a StreamGuard cut a stream short.
+CLIENT_GONE = "client gone"
+JOB_TIMEOUT = "job_timeout_s"
 
 
 class StreamGuard:
@@ -302,11 +339,11 @@ class StreamGuard:
                     if fd == self._wake_r:
                         os.read(self._wake_r, 4096)
                     elif fd in self._by_fd:
-                        cuts.append((self._pop(self._by_fd[fd]), "client gone"))
+                        cuts.append((self._pop(self._by_fd[fd]), CLIENT_GONE))
                 now = time.monotonic()
                 for key, (_, deadline, _) in list(self._entries.items()):
                     if deadline is not None and now >= deadline:
-                        cuts.append((self._pop(key), "job_timeout_s"))
+                        cuts.append((self._pop(key), JOB_TIMEOUT))
             for cut, reason in cuts:
                 try:
                     cut(reason)
@@ -366,11 +403,11 @@ class StreamedBody:
                 data = read1(CHUNK, decode_content=False)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
                 data, error = None, e
-            if self.cut_reason is not None:
-                self.error = ("the client went away" if self.cut_reason == "client gone"
-                              else f"the job ran past scheduler.{self.cut_reason}")
-                if self.cut_reason == "client gone":
-                    return                 # nobody is reading: end quietly
+            if self.cut_reason == CLIENT_GONE:
+                self.error = "the client went away"
+                return                     # nobody is reading: end quietly
+            if self.cut_reason == JOB_TIMEOUT:
+                self.error = "the job ran past scheduler.job_timeout_s"
                 log.warning("%s: %s after %d bytes; cutting the response off",
                             self.response.url, self.error, self.bytes_out)
                 raise UpstreamBroken(self.error)

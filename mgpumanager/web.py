@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import calendar
 import logging
-import select
 import socket
 import time
-from typing import Callable
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
@@ -24,12 +22,12 @@ from werkzeug.exceptions import HTTPException
 from .broker import Broker, Job
 from .errors import BadRequest, BrokerError, MethodNotAllowed, NotFound
 from .metrics import render as render_metrics
-from .proxy import StreamedBody, drain_body, request_body, request_headers, response_headers
+from .proxy import (StreamedBody, client_gone, drain_body, request_body, request_headers,
+                    response_headers)
 
 log = logging.getLogger("mgpumanager.web")
 bp = Blueprint("mgpumanager", __name__)
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-_GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
 def broker() -> Broker:
@@ -53,33 +51,6 @@ class PassthroughResponse(Response):
     def __call__(self, environ, start_response):
         start_response(self.status, self.headers.to_wsgi_list())
         return self.body
-
-
-def client_gone(environ) -> Callable[[], bool] | None:
-    """A check that says whether the client has closed its connection.
-
-    gunicorn puts the client socket in the environ; the peer's FIN shows as
-    POLLRDHUP even while request bytes are still buffered unread.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | _GONE)
-            events = poller.poll(0)
-            if not events:
-                return False
-            if events[0][1] & _GONE:
-                return True
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
-            return True
-    return gone
 
 
 @bp.before_app_request
@@ -125,15 +96,13 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
                                    upstream_path + (f"?{query}" if query else ""),
                                    headers=request_headers(environ), body=body,
                                    read_timeout_s=consumer.read_timeout_s, consumer=name)
-    except BrokerError as e:
-        e.kind = kind
+    except BaseException as e:
+        if isinstance(e, BrokerError):
+            e.kind = kind
         if job is not None:
-            job.finish(ok=False, status=e.status, bytes_in=getattr(body, "bytes_read", 0),
-                       error=e.message)
-        raise
-    except BaseException:
-        if job is not None:
-            job.finish(ok=False, error="the request to the upstream failed")
+            job.finish(ok=False, status=getattr(e, "status", None),
+                       bytes_in=getattr(body, "bytes_read", 0),
+                       error=getattr(e, "message", "the request to the upstream failed"))
         raise
 
     status = upstream.status
@@ -270,12 +239,8 @@ def on_broker_error(e: BrokerError):
 def on_http_error(e: HTTPException):
     drain_body(request.environ)
     if e.code == 405:
-        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        resp = error_response(err)
-        allowed = e.get_headers()
-        for k, v in allowed:
-            if k.lower() == "allow":
-                resp.headers["Allow"] = v
+        resp = error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))
+        resp.headers["Allow"] = ", ".join(e.valid_methods or ())
         return resp
     if e.code == 404:
         return error_response(NotFound(f"no route {request.path}"))

@@ -135,12 +135,15 @@ def test_a_failed_unload_is_counted_and_the_next_candidate_tried():
 def test_with_nothing_left_to_evict_it_waits_until_the_deadline_then_refuses():
     b, actions = make_broker(fail=["comfyui", "whisper"])
     set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    before = b.events.since()[-1]["id"] if b.events.since() else 0
     t0 = time.monotonic()
     with pytest.raises(InsufficientVram) as info:
         b.start_job("mvoice", "tts")
     assert 0.25 <= time.monotonic() - t0 < 1.5           # queue_timeout_s 0.3
     assert "comfyui 12000 MiB" in info.value.message
     assert b.lock.snapshot().holder is None
+    refused = [e for e in b.events.since(before) if e["type"] == "refused"]
+    assert len(refused) == 1 and refused[0]["code"] == "insufficient_vram"
 
 
 def test_an_unhealthy_consumer_is_refused_before_queueing():
@@ -223,3 +226,5 @@ def test_a_client_leaving_while_its_job_waits_for_vram_frees_the_gpu():
     assert time.monotonic() - t0 < 2.5        # not the 30 s queue deadline
     assert b.lock.snapshot().holder is None
     assert b.status()["scheduler"]["abandoned"] == 1
+    assert b.status()["scheduler"]["rejected"] == 0
+    assert [e["type"] for e in b.events.since()][-1] == "abandoned"

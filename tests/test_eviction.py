@@ -97,6 +97,7 @@ def test_explicit_unload_and_load_work_and_show_in_status(broker, sim):
     assert st["scheduler"]["loads"] >= 1 and st["scheduler"]["evictions"] >= 1
     r = requests.post(broker.url + "/v1/consumers/ollama/unload")
     assert r.status_code >= 400 and "no unload route" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     r = requests.post(broker.url + "/v1/consumers/mvoice/reboot")
     assert r.status_code == 404
 

@@ -233,6 +233,8 @@ def test_broker_errors_are_json_with_the_contract_code(broker, method, path, sta
     assert r.status_code == status
     assert r.headers["Content-Type"] == "application/json"
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    if status == 405:
+        assert "POST" in r.headers["Allow"].split(", ")
 
 
 def test_a_refused_request_leaves_the_keep_alive_connection_usable(broker):
