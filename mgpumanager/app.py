@@ -28,6 +28,10 @@ def create_app(config: Config | str | None = None, *, reader: GpuReader | None =
     broker = Broker(cfg, reader=reader, actions=actions)
     app.extensions[EXTENSION] = broker
     app.extensions[EXTENSION + ".metrics"] = metrics_registry(broker)
+    # Paths under /upstream/ are forwarded as sent: no merging of slashes
+    # (Werkzeug would answer //x with a redirect), no redirect for a slash.
+    app.url_map.merge_slashes = False
+    app.url_map.converters["rest"] = web.RestConverter
     app.register_blueprint(web.bp)
     if start:
         broker.start()

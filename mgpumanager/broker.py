@@ -31,8 +31,9 @@ from .errors import (Abandoned, BadRequest, BrokerError, ConsumerUnhealthy, Insu
                      UnknownConsumer, UnknownKind, UnloadFailed)
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
+from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
 from .policy import plan_room
-from .proxy import StreamGuard, UpstreamPool
+from .proxy import UpstreamPool
 
 log = logging.getLogger("mgpumanager.broker")
 job_log = logging.getLogger("mgpumanager.jobs")
@@ -81,33 +82,40 @@ class EventLog:
 
 
 class Job:
-    """One GPU job, from the grant of the lock to ``finish``."""
+    """One GPU job: what it is for, and its lease on the GPU lock."""
 
-    def __init__(self, broker: "Broker", ticket: Ticket, consumer: str, kind: str | None,
-                 started: float):
+    def __init__(self, broker: "Broker", lease: Lease, consumer: str, kind: str | None):
         self.broker = broker
-        self.ticket = ticket
+        self.lease = lease
+        lease.job = self
         self.consumer = consumer
         self.kind = kind
-        self.started = started
+        self.started = broker.clock()
         self.evicted: list[str] = []
         self._finished = False
         self._finish_lock = threading.Lock()
 
     @property
     def wait_s(self) -> float:
-        return self.ticket.waited_s
+        return self.lease.ticket.waited_s
 
-    def finish(self, *, ok: bool, status: int | None = None, bytes_in: int = 0,
-               bytes_out: int = 0, error: str | None = None) -> None:
-        """End the job once; the GPU lock is released here (or, for a consumer
-        with a busy probe, once the probe reports idle)."""
+    def finish(self, *, ok: bool, reached: bool | None = True, status: int | None = None,
+               bytes_in: int = 0, bytes_out: int = 0, error: str | None = None,
+               hold_busy: bool = True) -> None:
+        """Record the job once and end its lease.
+
+        ``ok``: the whole answer was read from the consumer (statistics).
+        ``reached``: the request reached the consumer (True), surely did not
+        (False), or may have (None: the connection broke mid-exchange). A
+        consumer with a busy probe keeps the GPU until it is idle after any
+        job that may have reached it.
+        """
         with self._finish_lock:
             if self._finished:
                 return
             self._finished = True
-        self.broker._job_done(self, ok=ok, status=status, bytes_in=bytes_in,
-                              bytes_out=bytes_out, error=error)
+        self.broker._job_done(self, ok=ok, reached=reached, status=status, bytes_in=bytes_in,
+                              bytes_out=bytes_out, error=error, hold_busy=hold_busy)
 
 
 class Broker:
@@ -121,7 +129,7 @@ class Broker:
         self.started_at = time.time()
         self.events = EventLog()
         self.upstream = UpstreamPool(config.proxy.connect_timeout_s, config.proxy.read_timeout_s)
-        self.stream_guard = StreamGuard()
+        self.watch = LeaseWatch(self._lease_expired)
         self.registry = ConsumerRegistry(config, clock=clock,
                                          on_health_change=self._health_changed)
         self.actions = actions or HttpActions(config.proxy.connect_timeout_s,
@@ -138,13 +146,15 @@ class Broker:
         self._outcomes: Counter = Counter()          # (consumer, "ok" | "error")
         self._rejected: Counter = Counter()          # contract code -> count
         self._abandoned = 0                          # queued jobs whose client left
+        self._client_errors: Counter = Counter()     # code -> count (the client's fault)
+        self._leases_expired = 0                     # released by the watchdog
         self._evictions: Counter = Counter()         # victim -> count
         self._loads: Counter = Counter()
         self._last_wait_ms: float | None = None
         self._last_run_ms: float | None = None
         self._wait_hist = Histogram()
         self._run_hist = Histogram()
-        self._current: Job | None = None
+        self._current: Lease | None = None           # whoever holds the GPU lock
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -189,12 +199,12 @@ class Broker:
     def start_job(self, consumer: str, kind: str | None = None, *,
                   cancelled: Callable[[], bool] | None = None) -> Job:
         """Wait for the GPU in arrival order, make room for ``consumer``, and
-        return the running Job. Raises a BrokerError (nothing held) if refused."""
+        return the running Job, whose lease holds the lock. Raises a
+        BrokerError (nothing held) if refused."""
         job = self._room_for(consumer, kind, f"{consumer}:{kind or 'upstream'}", cancelled)
         job.started = self.clock()
         self.registry.job_started(consumer)
         with self._stats_lock:
-            self._current = job
             self._last_wait_ms = job.wait_s * 1000
             self._wait_hist.observe(job.wait_s)
         return job
@@ -204,29 +214,70 @@ class Broker:
         """Health check, the GPU lock, room made: a Job holding the lock."""
         try:
             self.check_healthy(consumer, kind)
+            if cancelled is not None and cancelled():
+                raise Abandoned("the client went away before its job queued")
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
         deadline = self.clock() + self.config.scheduler.queue_timeout_s
-        job = Job(self, self._acquire(consumer, kind, label, cancelled), consumer, kind,
-                  self.clock())
+        job = Job(self, self._acquire(consumer, kind, label, cancelled), consumer, kind)
         try:
             self._make_room(job, deadline, cancelled)
         except BaseException as e:
-            self.lock.release(job.ticket)
+            job.lease.release()
+            if isinstance(e, LeaseCut):
+                e = Abandoned(f"the job was cut while it made room ({e.reason})")
+                self._refused(e, consumer, kind)
+                raise e from None
             if isinstance(e, BrokerError):
                 self._refused(e, consumer, kind)
             raise
         return job
 
     def _acquire(self, consumer: str, kind: str | None, label: str,
-                 cancelled: Callable[[], bool] | None) -> Ticket:
+                 cancelled: Callable[[], bool] | None) -> Lease:
         try:
-            return self.lock.acquire(label, self.config.scheduler.queue_timeout_s,
-                                     cancelled=cancelled)
+            ticket = self.lock.acquire(label, self.config.scheduler.queue_timeout_s,
+                                       cancelled=cancelled)
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
+        return self._lease(ticket, label)
+
+    def _lease(self, ticket: Ticket, label: str) -> Lease:
+        """Every grant of the GPU lock becomes a lease with a deadline, watched."""
+        lease = Lease(label, ticket, time.monotonic() + self.config.scheduler.job_timeout_s,
+                      self._lease_released)
+        self.watch.watch(lease)
+        with self._stats_lock:
+            self._current = lease
+        return lease
+
+    def _lease_released(self, lease: Lease) -> None:
+        self.watch.unwatch(lease)
+        with self._stats_lock:
+            if self._current is lease:
+                self._current = None
+        self.lock.release(lease.ticket)
+        # Let the woken head take the GIL now rather than after our
+        # bookkeeping (measured: 0.25 ms of every hand-off).
+        time.sleep(0)
+
+    def _lease_expired(self, lease: Lease) -> None:
+        """The watchdog's last resort: a lease still held past its deadline
+        and the grace after it. Its sockets were shut at the deadline; it is
+        released right after this, whatever its thread is doing."""
+        lease.expired = True
+        lease.cut(JOB_TIMEOUT)
+        with self._stats_lock:
+            self._leases_expired += 1
+        message = (f"{lease.label} still held the GPU {self.watch.grace_s:g} s past "
+                   f"scheduler.job_timeout_s; the watchdog released it")
+        log.warning("%s", message)
+        self.events.add("lease_expired", message, label=lease.label)
+        if lease.job is not None:
+            lease.job.finish(ok=False, reached=None, error="released by the watchdog after "
+                             "scheduler.job_timeout_s", hold_busy=False)
 
     def _refused(self, e: BrokerError, consumer: str, kind: str | None) -> None:
         """Count and record a GPU job that will not run (the one place that does)."""
@@ -244,27 +295,37 @@ class Broker:
         self.events.add("refused", f"a {consumer} job was refused ({e.code}): {e.message}",
                         consumer=consumer, code=e.code)
 
-    def _job_done(self, job: Job, *, ok: bool, status: int | None, bytes_in: int,
-                  bytes_out: int, error: str | None) -> None:
+    def client_error(self, e: BrokerError, consumer: str | None, kind: str | None) -> None:
+        """A request refused for the client's own fault (a bad or stalled body):
+        counted and shown, never against the consumer."""
+        e.consumer = e.consumer or consumer
+        e.kind = e.kind or kind
+        with self._stats_lock:
+            self._client_errors[e.code] += 1
+        self.events.add("client_error", f"a request for {consumer or 'the broker'} was "
+                        f"refused ({e.code}): {e.message}", consumer=consumer, code=e.code)
+
+    def _job_done(self, job: Job, *, ok: bool, reached: bool | None, status: int | None,
+                  bytes_in: int, bytes_out: int, error: str | None, hold_busy: bool) -> None:
         run_s = self.clock() - job.started
-        self.registry.job_finished(job.consumer, ok, error)
+        self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
         with self._stats_lock:
             self._total_jobs += 1
             self._outcomes[(job.consumer, "ok" if ok else "error")] += 1
             self._last_run_ms = run_s * 1000
             self._run_hist.observe(run_s)
         busy = self.config.consumers[job.consumer].busy
-        if busy is not None and ok:
-            # The consumer answered but is still working on the GPU (ComfyUI
-            # renders after /prompt returns): hold the lock until it is idle,
-            # on a thread of our own so the client's thread is free.
+        if busy is not None and hold_busy and reached is not False:
+            # The consumer may still be working on the GPU (ComfyUI renders
+            # after /prompt returns, and goes on when its client has left):
+            # hold the lock until it is idle, on a thread of our own so the
+            # client's thread is free. The lease's deadline still bounds it.
+            self.watch.forget_client(job.lease)
+            job.lease.forget_sockets()    # the client's connection lives on without us
             threading.Thread(target=self._release_when_idle, args=(job,), daemon=True,
                              name=f"busy-{job.consumer}").start()
         else:
-            self._release(job)            # first: the next job need not wait for the log
-            # Let the woken head take the GIL now rather than after our
-            # bookkeeping below (measured: 0.25 ms of every hand-off).
-            time.sleep(0)
+            job.lease.release()           # first: the next job need not wait for the log
         fields = {"consumer": job.consumer, "kind": job.kind, "status": status, "ok": ok,
                   "wait_ms": round(job.wait_s * 1000, 1), "run_ms": round(run_s * 1000, 1),
                   "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted}
@@ -277,23 +338,18 @@ class Broker:
 
     def _release_when_idle(self, job: Job) -> None:
         c = self.config.consumers[job.consumer]
-        deadline = job.started + self.config.scheduler.job_timeout_s
+        lease = job.lease
         try:
-            while self.clock() < deadline and self.actions.is_busy(c):
+            while time.monotonic() < lease.deadline and not lease.released \
+                    and self.actions.is_busy(c):
                 self.sleep(self.config.scheduler.busy_poll_s)
-            if self.clock() >= deadline:
+            if time.monotonic() >= lease.deadline:
                 self.events.add("job_timeout", f"{c.name} was still busy after job_timeout_s; "
                                 "releasing the GPU", consumer=c.name)
         except Exception:
             log.exception("busy probe of %s failed; releasing the GPU", c.name)
         finally:
-            self._release(job)
-
-    def _release(self, job: Job) -> None:
-        with self._stats_lock:
-            if self._current is job:
-                self._current = None
-        self.lock.release(job.ticket)
+            lease.release()
 
     @staticmethod
     def _log_job(fields: dict) -> None:
@@ -313,7 +369,10 @@ class Broker:
         sched = self.config.scheduler
         failed: set[str] = set()
         attempts = 0
+        # Waiting for VRAM ends with the queue deadline or the lease's, whichever comes first.
+        deadline = min(deadline, self.clock() + max(0.0, job.lease.deadline - time.monotonic()))
         while True:
+            job.lease.check()
             views = self.registry.views()
             if views[target].loaded is True:
                 break                         # resident: no reading, no calls
@@ -350,6 +409,7 @@ class Broker:
                 raise Abandoned("the client went away while its job waited for VRAM")
             self.sleep(min(1.0, max(0.0, deadline - self.clock())))
         if c.load is not None and self.registry.loaded(target) is not True:
+            job.lease.check()
             self._load(target, deadline)
 
     def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
@@ -422,7 +482,7 @@ class Broker:
     def unload(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         if self.config.consumers[name].unload is None:
             raise BadRequest(f"{name} has no unload route", consumer=name)
-        ticket = self._acquire(name, None, f"{name}:unload", cancelled)
+        lease = self._acquire(name, None, f"{name}:unload", cancelled)
         try:
             if not self._unload(name, "on request", None):
                 raise UnloadFailed(f"unloading {name} failed: "
@@ -430,13 +490,13 @@ class Broker:
                                    consumer=name)
             return {"consumer": name, "loaded": False}
         finally:
-            self.lock.release(ticket)
+            lease.release()
 
     def load(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         """Make room for ``name`` and call its load route, under the lock.
         Without a load route it still makes room: it loads on its first job."""
         job = self._room_for(name, None, f"{name}:load", cancelled)
-        self.lock.release(job.ticket)
+        job.lease.release()
         return {"consumer": name, "loaded": self.registry.loaded(name), "evicted": job.evicted}
 
     def _idle_unloader(self) -> None:
@@ -451,10 +511,11 @@ class Broker:
                 ticket = self.lock.try_acquire(f"{name}:idle-unload")
                 if ticket is None:
                     continue              # the GPU is busy: not idle, try later
+                lease = self._lease(ticket, ticket.label)
                 try:
                     self._unload(name, f"after {c.idle_unload_s:g} s idle", None)
                 finally:
-                    self.lock.release(ticket)
+                    lease.release()
 
     # -- status --------------------------------------------------------------
 
@@ -467,13 +528,21 @@ class Broker:
         """A consistent copy of the counters, for /v1/status and /metrics."""
         snap = self.lock.snapshot()
         with self._stats_lock:
-            current = self._current
+            lease = self._current
+            job = lease.job if lease is not None else None
+            running = None
+            if lease is not None:
+                running = {"label": lease.label,
+                           "consumer": job.consumer if job else lease.label.split(":")[0],
+                           "kind": job.kind if job else None,
+                           "running_s": round(time.monotonic() - lease.granted_at, 3),
+                           "deadline_in_s": round(lease.deadline - time.monotonic(), 3),
+                           "cut": lease.cut_reason,
+                           "evicted": list(job.evicted) if job else []}
             return {
                 "queue_depth": snap.queue_depth,
                 "in_flight": 1 if snap.holder else 0,
-                "running": ({"consumer": current.consumer, "kind": current.kind,
-                             "running_s": round(self.clock() - current.started, 3),
-                             "evicted": list(current.evicted)} if current else None),
+                "running": running,
                 "waiting": list(snap.waiting),
                 "oldest_queued_s": round(snap.oldest_queued_s, 3)
                 if snap.oldest_queued_s is not None else None,
@@ -481,6 +550,9 @@ class Broker:
                 "rejected": sum(self._rejected.values()),
                 "rejected_by_code": dict(self._rejected),
                 "abandoned": self._abandoned,
+                "client_errors": sum(self._client_errors.values()),
+                "client_errors_by_code": dict(self._client_errors),
+                "leases_expired": self._leases_expired,
                 "last_wait_ms": round(self._last_wait_ms, 1) if self._last_wait_ms is not None else None,
                 "last_run_ms": round(self._last_run_ms, 1) if self._last_run_ms is not None else None,
                 "evictions": sum(self._evictions.values()),

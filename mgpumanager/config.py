@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -73,6 +73,12 @@ class SchedulerConfig:
 class ProxyConfig:
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 300.0
+    max_body_mib: int = 1024            # a GPU job's body above this: 413
+    client_timeout_s: float = 60.0      # a client silent this long, sending or reading, is cut
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_body_mib * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,36 @@ class GpuRoute:
         return (self.method in ("*", method.upper())) and fnmatch.fnmatchcase(path, self.pattern)
 
 
+def route_forms(raw_path: str) -> set[str]:
+    """The paths a service may take ``raw_path`` for, to match gpu_routes on.
+
+    A service decodes percent-escapes, resolves dot segments and, in most
+    frameworks, ignores repeated and trailing slashes: ``/%70rompt``,
+    ``//prompt`` and ``/x/../prompt/`` are all its ``/prompt``. The path is
+    matched in that form, and also decoded twice, since a service (or a
+    proxy in front of it) may decode again: when in doubt, a request is a
+    GPU job (locking too much is slow, locking too little is an OOM).
+    """
+    once = unquote(raw_path)
+    forms = {_normal_path(once)}
+    if "%" in once:
+        forms.add(_normal_path(unquote(once)))
+    return forms
+
+
+def _normal_path(path: str) -> str:
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue                    # repeated slashes, trailing slash, "./"
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
+
+
 @dataclass(frozen=True)
 class ConsumerConfig:
     name: str
@@ -116,8 +152,10 @@ class ConsumerConfig:
     idle_unload_s: float | None = None
     read_timeout_s: float | None = None
 
-    def is_gpu_route(self, method: str, path: str) -> bool:
-        return any(r.matches(method, path) for r in self.gpu_routes)
+    def is_gpu_route(self, method: str, raw_path: str) -> bool:
+        """Whether a request to this path (as sent, escapes and all) is a GPU job."""
+        forms = route_forms(raw_path)
+        return any(r.matches(method, form) for r in self.gpu_routes for form in forms)
 
 
 @dataclass(frozen=True)
@@ -313,7 +351,9 @@ def _read_gpu_routes(r: _Reader, node: Any, path: str) -> tuple[GpuRoute, ...]:
             r.problem(f"{path}[{i}]", "'METHOD /path-pattern' (METHOD may be *; the "
                       "pattern may use * and ?)", item)
             continue
-        routes.append(GpuRoute(parts[0].upper(), parts[1]))
+        # Patterns are matched against normalised paths (route_forms): normalise them alike.
+        pattern = parts[1] if parts[1] == "*" else _normal_path(parts[1])
+        routes.append(GpuRoute(parts[0].upper(), pattern))
     return tuple(routes)
 
 
@@ -425,11 +465,15 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                   f"thread; one runs the job and {MIN_SPARE_THREADS} must stay free for status, "
                   "health and audio), or leave it out to derive it", server.threads)
 
-    p = r.section(top.get("proxy"), "proxy", ("connect_timeout_s", "read_timeout_s"))
+    p = r.section(top.get("proxy"), "proxy", ("connect_timeout_s", "read_timeout_s",
+                                              "max_body_mib", "client_timeout_s"))
     d = ProxyConfig()
     proxy = ProxyConfig(
         connect_timeout_s=r.seconds(p, "connect_timeout_s", "proxy", d.connect_timeout_s),
-        read_timeout_s=r.seconds(p, "read_timeout_s", "proxy", d.read_timeout_s))
+        read_timeout_s=r.seconds(p, "read_timeout_s", "proxy", d.read_timeout_s),
+        max_body_mib=r.integer(p, "max_body_mib", "proxy", d.max_body_mib, 1,
+                               "a whole number of MiB"),
+        client_timeout_s=r.seconds(p, "client_timeout_s", "proxy", d.client_timeout_s))
 
     raw_consumers = top.get("consumers")
     consumers: dict[str, ConsumerConfig] = {}

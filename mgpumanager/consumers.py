@@ -208,15 +208,24 @@ class ConsumerRegistry:
             s.active += 1
             s.total_requests += 1
 
-    def job_finished(self, name: str, ok: bool, error: str | None = None) -> None:
+    def job_finished(self, name: str, *, ok: bool, reached: bool | None = True,
+                     error: str | None = None) -> None:
+        """A job ended. Its load state follows whether it reached the consumer,
+        not how it ended: a request that reached it leaves it loaded (whatever
+        its status, or what its client did), one that may have (the
+        connection broke mid-exchange) leaves it possibly loaded."""
         with self._lock:
             s = self._states[name]
             s.active -= 1
-            if ok:
+            if reached is True:
                 s.last_used = s.state_set_at = self.clock()
                 s.last_used_wall = time.time()
                 s.loaded = True
-            else:
+            elif reached is None:
+                s.state_set_at = self.clock()
+                if s.loaded is not True:
+                    s.loaded = None
+            if not ok:
                 s.failed_requests += 1
                 if error:
                     s.last_error = error

@@ -80,6 +80,19 @@ class UpstreamTimeout(BrokerError):
     status, code = 504, "upstream_timeout"
 
 
+class UpstreamBadResponse(BrokerError):
+    """The consumer answered, but with something that cannot be forwarded."""
+    status, code = 502, "upstream_bad_response"
+
+
+class PayloadTooLarge(BrokerError):
+    status, code = 413, "payload_too_large"
+
+
+class RequestTimeout(BrokerError):
+    status, code = 408, "request_timeout"
+
+
 class Abandoned(BrokerError):
     """The client went away while its job waited; nobody reads this answer."""
     status, code = 499, "client_gone"

@@ -11,18 +11,24 @@ WSGI server chunk by chunk as it arrives.
 
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
-import os
+import re
 import select
 import socket
+import tempfile
 import threading
 import time
 from typing import Callable, Iterator
 
 import urllib3
+import urllib3.connection
 from urllib3.util import SKIP_HEADER
 
-from .errors import UpstreamTimeout, UpstreamUnreachable
+from .errors import (Abandoned, BadRequest, PayloadTooLarge, RequestTimeout, UpstreamBadResponse,
+                     UpstreamTimeout, UpstreamUnreachable)
+from .lease import CLIENT_GONE, JOB_TIMEOUT, UPSTREAM_BROKE, Exchange
 
 log = logging.getLogger("mgpumanager.proxy")
 
@@ -79,14 +85,64 @@ def request_headers(environ: dict) -> dict[str, str]:
     return headers
 
 
+# RFC 9110 5.1 and 5.5: what a header name and value may be. gunicorn
+# refuses to send anything else, so it is checked here, where it can still
+# become a 502 instead of an exception inside the WSGI server.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+_REASON = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+
+
 def response_headers(raw_headers) -> list[tuple[str, str]]:
-    """The upstream's end-to-end headers, repeated fields (Set-Cookie) kept apart."""
+    """The upstream's end-to-end headers, repeated fields (Set-Cookie) kept apart.
+
+    Raises UpstreamBadResponse for a header that cannot be forwarded as it
+    is: a bad name or value, or a Content-Length that is not one whole
+    number. A Content-Length beside Transfer-Encoding is dropped (RFC 9112
+    6.3: the body was framed by the chunking, and forwarding both would
+    let the next hop cut the body short).
+    """
     dropped = connection_tokens(raw_headers.get("Connection"))
-    return [(k, v) for k, v in raw_headers.items() if not is_hop_by_hop(k, dropped)]
+    framed_by_chunks = "transfer-encoding" in raw_headers
+    out: list[tuple[str, str]] = []
+    length: str | None = None
+    for name, value in raw_headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise UpstreamBadResponse(f"the answer has a malformed header name {name[:40]!r}")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise UpstreamBadResponse(f"the answer's {name[:40]} header has a malformed value")
+        lname = name.lower()
+        if is_hop_by_hop(lname, dropped):
+            continue
+        if lname == "content-length":
+            if framed_by_chunks:
+                continue
+            for part in value.split(","):
+                part = part.strip(" \t")
+                if not part.isdigit() or (length is not None and int(part) != int(length)):
+                    raise UpstreamBadResponse(f"the answer's Content-Length {value[:40]!r} is "
+                                              "not one whole number")
+                if length is None:
+                    length = part
+                    out.append((name, part))
+            continue
+        out.append((name, value))
+    return out
+
+
+def status_line(status: int, reason: str | None) -> str:
+    """'200 OK', without a reason phrase gunicorn would refuse to send."""
+    reason = (reason or "").strip()
+    return f"{status} {reason}" if reason and _REASON.fullmatch(reason) else str(status)
 
 
 class _BodyStream:
-    """The client's body as an iterable of large pieces, sent on chunked."""
+    """The client's body as an iterable of large pieces, sent on chunked.
+
+    A read that fails is the client's fault (a lying or malformed chunked
+    body, a stall, a hang-up): it is raised as the client's error, which
+    urllib3 passes through untouched, never as the upstream's.
+    """
 
     def __init__(self, stream, length: int | None = None):
         self._stream = stream
@@ -96,8 +152,11 @@ class _BodyStream:
     def __iter__(self) -> Iterator[bytes]:
         left = self._length
         while left is None or left > 0:
-            data = self._stream.read(CHUNK if left is None else min(CHUNK, left))
+            data = _read_client(self._stream, CHUNK if left is None else min(CHUNK, left))
             if not data:
+                if left:
+                    raise BadRequest(f"the request body ended after {self.bytes_read} of "
+                                     f"{self._length} bytes")
                 break
             self.bytes_read += len(data)
             if left is not None:
@@ -112,6 +171,18 @@ class _SizedBodyStream(_BodyStream):
         return self._length
 
 
+def _read_client(stream, size: int) -> bytes:
+    """One read of the client's body; its failures become the client's errors."""
+    try:
+        return stream.read(size)
+    except TimeoutError:
+        raise RequestTimeout("the client sent no part of its body for "
+                             "proxy.client_timeout_s") from None
+    except Exception as e:        # gunicorn's InvalidChunkSize, NoMoreData, a reset...
+        raise BadRequest(f"the request body could not be read: "
+                         f"{type(e).__name__} {str(e)[:100]}".strip()) from None
+
+
 def _framing(environ: dict) -> tuple[bool, int]:
     """(chunked?, Content-Length or 0) of the client's body."""
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
@@ -123,7 +194,7 @@ def _framing(environ: dict) -> tuple[bool, int]:
 
 
 def request_body(environ: dict):
-    """The body to send upstream, so that the upstream sees the client's framing."""
+    """The body to stream upstream, so that the upstream sees the client's framing."""
     chunked, length = _framing(environ)
     if chunked:
         return _BodyStream(environ["wsgi.input"])
@@ -132,25 +203,94 @@ def request_body(environ: dict):
     return _SizedBodyStream(environ["wsgi.input"], length)
 
 
-def drain_body(environ: dict, limit: int = 4 * CHUNK) -> None:
-    """Read and drop an unread request body of up to ``limit`` bytes.
+class SpooledBody:
+    """A GPU job's request body, received whole before the job queues.
+
+    A client that trickles its upload must not hold the GPU while it does
+    (nginx buffers request bodies for the same reason): the body is read
+    here, into memory up to 1 MiB and into a temporary file beyond, and
+    sent upstream at loopback speed with a Content-Length, whatever framing
+    the client used.
+    """
+
+    MEMORY_BYTES = CHUNK
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=self.MEMORY_BYTES)
+        self.size = 0
+
+    def upstream_body(self):
+        """Bytes when it is small, else the file from its start (sent in 1 MiB blocks)."""
+        self.file.seek(0)
+        if self.size <= self.MEMORY_BYTES:
+            return self.file.read()
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def spool_body(environ: dict, max_bytes: int) -> SpooledBody | None:
+    """Receive the client's whole body (None if it sent none).
+
+    Raises PayloadTooLarge beyond ``max_bytes``, RequestTimeout when the
+    client stalls (the socket's timeout is proxy.client_timeout_s), and
+    BadRequest for a body that is malformed or shorter than announced.
+    """
+    chunked, length = _framing(environ)
+    if not chunked and length == 0:
+        return None
+    if length > max_bytes:
+        raise PayloadTooLarge(f"the request body is {length} bytes; proxy.max_body_mib allows "
+                              f"{max_bytes // CHUNK} MiB")
+    spool = SpooledBody()
+    try:
+        stream = environ["wsgi.input"]
+        while chunked or spool.size < length:
+            data = _read_client(stream, CHUNK if chunked else min(CHUNK, length - spool.size))
+            if not data:
+                break
+            spool.size += len(data)
+            if spool.size > max_bytes:
+                raise PayloadTooLarge(f"the request body is over proxy.max_body_mib "
+                                      f"({max_bytes // CHUNK} MiB)")
+            spool.file.write(data)
+        if not chunked and spool.size < length:
+            raise BadRequest(f"the request body ended after {spool.size} of {length} bytes")
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+def drain_body(environ: dict, limit: int = 4 * CHUNK, within_s: float = 1.0) -> None:
+    """Read and drop an unread request body of up to ``limit`` bytes, for at
+    most ``within_s`` seconds.
 
     A request refused before its body was read would otherwise leave the
     body on a keep-alive connection, where the WSGI server either has to
-    drain it or drop the connection under the client's next request.
+    drain it or drop the connection under the client's next request. A
+    client that trickles gets its connection dropped instead of a thread.
     """
     chunked, length = _framing(environ)
     if not chunked and not 0 < length <= limit:
         return
     stream, seen = environ["wsgi.input"], 0
+    sock = environ.get("gunicorn.socket")
+    deadline = time.monotonic() + within_s
     try:
         while seen < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if sock is not None:
+                sock.settimeout(left)
             data = stream.read(min(CHUNK, limit - seen))
             if not data:
                 break
             seen += len(data)
-    except OSError:
-        pass
+    except Exception:
+        pass                  # a broken or stalled body: gunicorn drops the connection
 
 
 _GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
@@ -183,6 +323,36 @@ def client_gone(environ: dict) -> Callable[[], bool] | None:
     return gone
 
 
+_sending = threading.local()        # .exchange: the exchange this thread is sending
+
+
+class _WatchedConnectionMixin:
+    """Attaches its socket to the exchange the thread is sending, so that a
+    cut (the client gone, the deadline) shuts it and whatever is blocked on
+    it, from the connect on: a fresh connection at connect(), a reused one
+    when the request starts."""
+
+    def connect(self):
+        super().connect()
+        exchange = getattr(_sending, "exchange", None)
+        if exchange is not None:
+            exchange.attach(self.sock)
+
+    def request(self, *args, **kwargs):
+        exchange = getattr(_sending, "exchange", None)
+        if exchange is not None and self.sock is not None:
+            exchange.attach(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPConnection(_WatchedConnectionMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnectionMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
 class UpstreamPool:
     """Keep-alive connections to every consumer, for the proxied requests.
 
@@ -209,32 +379,78 @@ class UpstreamPool:
                 if pool is None:
                     # block=False: past maxsize, extra connections are made and
                     # dropped after use instead of making a request wait.
+                    # blocksize: a spooled body goes out in 1 MiB sends.
                     pool = urllib3.connection_from_url(base_url, maxsize=self.maxsize, block=False,
-                                                       retries=False)
+                                                       retries=False, blocksize=CHUNK)
+                    pool.ConnectionCls = (_WatchedHTTPSConnection if pool.scheme == "https"
+                                          else _WatchedHTTPConnection)
                     self._pools[base_url] = pool
         return pool
 
     def open(self, method: str, base_url: str, path: str, *, headers: dict, body=None,
-             read_timeout_s: float | None = None,
-             consumer: str | None = None) -> urllib3.HTTPResponse:
-        """Send the request; return the response with its body still unread."""
+             read_timeout_s: float | None = None, consumer: str | None = None,
+             exchange: Exchange | None = None) -> urllib3.HTTPResponse:
+        """Send the request; return the response with its body still unread.
+
+        Failures are typed, and each says whether the request reached the
+        consumer (``reached``: False when it surely did not, None when it
+        may have, True when the consumer answered).
+        """
         chunked = isinstance(body, _BodyStream) and not isinstance(body, _SizedBodyStream)
         if isinstance(body, _SizedBodyStream):
             headers["Content-Length"] = str(len(body))
+        elif isinstance(body, SpooledBody):
+            headers["Content-Length"] = str(body.size)
+            body = body.upstream_body()
         timeout = urllib3.Timeout(connect=self.connect_timeout_s,
                                   read=read_timeout_s or self.read_timeout_s)
+        who = consumer or base_url
+        _sending.exchange = exchange
         try:
             return self._pool(base_url).urlopen(
                 method, path, body=body, headers=headers, retries=False, redirect=False,
                 assert_same_host=False, preload_content=False, decode_content=False,
                 timeout=timeout, chunked=chunked)
-        except urllib3.exceptions.ReadTimeoutError as e:
-            raise UpstreamTimeout(f"{consumer or base_url}: no answer within {timeout.read_timeout:g} s",
-                                  consumer=consumer) from e
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            # ConnectTimeoutError, NewConnectionError (refused), ProtocolError (reset)
-            raise UpstreamUnreachable(f"{consumer or base_url}: {describe(e)}",
-                                      consumer=consumer) from e
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
+            raise _upstream_error(e, who, timeout, exchange, consumer) from e
+        finally:
+            _sending.exchange = None
+
+
+def _upstream_error(e: BaseException, who: str, timeout, exchange: Exchange | None,
+                    consumer: str | None):
+    """The typed error for a failed upstream call, with ``reached`` set."""
+    cause = e.__context__ if isinstance(e, urllib3.exceptions.ProtocolError) else None
+    if exchange is not None and exchange.cut_reason is not None:
+        err = cut_error(exchange.cut_reason, consumer)
+        err.reached = None
+    elif isinstance(e, urllib3.exceptions.ReadTimeoutError):
+        err = UpstreamTimeout(f"{who}: no answer within {timeout.read_timeout:g} s",
+                              consumer=consumer)
+        err.reached = None
+    elif isinstance(e, (urllib3.exceptions.ConnectTimeoutError,
+                        urllib3.exceptions.NewConnectionError)):
+        err = UpstreamUnreachable(f"{who}: {describe(e)}", consumer=consumer)
+        err.reached = False
+    elif isinstance(e, urllib3.exceptions.InvalidHeader) or (
+            isinstance(cause, http.client.HTTPException)
+            and not isinstance(cause, (http.client.RemoteDisconnected, http.client.IncompleteRead))):
+        # It answered, with a status line or headers that cannot be parsed.
+        err = UpstreamBadResponse(f"{who}: malformed answer: {describe(cause or e)}",
+                                  consumer=consumer)
+        err.reached = True
+    else:
+        # Reset or closed mid-exchange: it may have started the job.
+        err = UpstreamUnreachable(f"{who}: {describe(e)}", consumer=consumer)
+        err.reached = None
+    return err
+
+
+def cut_error(reason: str, consumer: str | None):
+    """The error a cut exchange answers with (if anyone still reads it)."""
+    if reason == JOB_TIMEOUT:
+        return UpstreamTimeout("the job ran past scheduler.job_timeout_s", consumer=consumer)
+    return Abandoned(f"the exchange was cut: {reason}", consumer=consumer)
 
 
 def describe(e: BaseException) -> str:
@@ -250,175 +466,70 @@ def describe(e: BaseException) -> str:
     return text[:200]
 
 
-class UpstreamBroken(Exception):
-    """The upstream failed mid-body: the client's response must end abruptly,
-    not with a clean end of chunks that would pass a truncated body as whole."""
+class ResponseCut(ConnectionResetError):
+    """Raised from a response body that was cut short, so that the WSGI
+    server drops the connection instead of ending the body cleanly (a
+    truncated answer must never pass for a whole one). A connection reset
+    is what gunicorn expects here, so it logs no traceback."""
 
-
-# Why a StreamGuard cut a stream short.
-CLIENT_GONE = "client gone"
-JOB_TIMEOUT = "job_timeout_s"
-
-
-class StreamGuard:
-    """Ends streamed responses early, from one daemon thread for all of them.
-
-    A thread blocked reading a silent upstream (an LLM thinking, a stalled
-    server) would notice neither that its client hung up nor that the job ran
-    past ``job_timeout_s`` until the next byte came. The guard watches each
-    client socket for the peer's hang-up (EPOLLRDHUP) and each job's
-    deadline, and calls the stream's ``cut`` at once, which shuts the
-    upstream socket down and so unblocks the reader.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._entries: dict[int, tuple] = {}     # key -> (fd, deadline, cut); guarded by _lock
-        self._by_fd: dict[int, int] = {}         # fd -> key; guarded by _lock
-        self._keys = iter(range(1, 1 << 62))
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        if self._epoll is not None:
-            self._epoll.register(self._wake_r, select.EPOLLIN)
-        self._thread: threading.Thread | None = None
-        self._wakes_at = float("inf")            # when the thread next looks at deadlines
-
-    def watch(self, client_sock, deadline: float | None, cut: Callable[[str], None]) -> int:
-        fd = None
-        with self._lock:
-            key = next(self._keys)
-            if client_sock is not None and self._epoll is not None:
-                try:
-                    fd = client_sock.fileno()
-                    self._epoll.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
-                    self._by_fd[fd] = key
-                except (OSError, ValueError):
-                    fd = None
-            self._entries[key] = (fd, deadline, cut)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stream-guard", daemon=True)
-                self._thread.start()
-            # Wake the thread only if it would sleep past this deadline: a
-            # wake-up per job costs a thread switch on every request.
-            wake = deadline is not None and deadline < self._wakes_at
-        if wake:
-            self._wake()
-        return key
-
-    def unwatch(self, key: int) -> None:
-        with self._lock:
-            entry = self._entries.pop(key, None)
-            if entry and entry[0] is not None:
-                self._by_fd.pop(entry[0], None)
-                try:
-                    self._epoll.unregister(entry[0])
-                except (OSError, ValueError):
-                    pass
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                deadlines = [d for _, d, _ in self._entries.values() if d is not None]
-                timeout = min(60.0, max(0.0, min(deadlines) - time.monotonic()) if deadlines else 60.0)
-                self._wakes_at = time.monotonic() + timeout
-            if self._epoll is not None:
-                events = self._epoll.poll(timeout)
-            else:
-                time.sleep(min(timeout, 1.0))
-                events = []
-            cuts = []
-            with self._lock:
-                for fd, _ in events:
-                    if fd == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                    elif fd in self._by_fd:
-                        cuts.append((self._pop(self._by_fd[fd]), CLIENT_GONE))
-                now = time.monotonic()
-                for key, (_, deadline, _) in list(self._entries.items()):
-                    if deadline is not None and now >= deadline:
-                        cuts.append((self._pop(key), JOB_TIMEOUT))
-            for cut, reason in cuts:
-                try:
-                    cut(reason)
-                except Exception:
-                    log.exception("cutting a stream failed")
-
-    def _pop(self, key: int):
-        fd, _, cut = self._entries.pop(key)
-        if fd is not None:
-            self._by_fd.pop(fd, None)
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
-        return cut
+    def __init__(self, message: str):
+        super().__init__(errno.ECONNRESET, message)
 
 
 class StreamedBody:
     """The WSGI response iterable for a proxied response.
 
-    Chunks are yielded as the upstream sends them. ``close()`` (which the
-    WSGI server calls after the last chunk, or when the client has gone)
-    closes the upstream response at once and then calls ``on_close`` exactly
-    once: that is where the GPU job ends. A ``StreamGuard`` may ``cut`` it
-    from another thread when the client hangs up or the job runs too long.
+    It yields nothing first, which makes gunicorn send the status and
+    headers at once: from then on, a failure can only truncate the answer,
+    never turn it into a different one. Chunks are then yielded as the
+    upstream sends them. A cut of the exchange (the client gone, the
+    deadline) or an upstream that breaks off raises ResponseCut.
+    ``close()`` (which the WSGI server calls after the last chunk, or when
+    the client has gone) closes the upstream response and then calls
+    ``on_close`` exactly once: that is where the GPU job ends.
     """
 
-    def __init__(self, response: urllib3.HTTPResponse, on_close: Callable[["StreamedBody"], None],
-                 *, bodyless: bool = False):
+    def __init__(self, response: urllib3.HTTPResponse, exchange: Exchange,
+                 on_close: Callable[["StreamedBody"], None], *, bodyless: bool = False):
         self.response = response
+        self.exchange = exchange
         self._on_close = on_close
         self._bodyless = bodyless
         self.bytes_out = 0
         self.complete = bodyless
         self.error: str | None = None
-        self.cut_reason: str | None = None
+        self.handed_over = False          # the WSGI server owns it (it will close it)
         self._closed = False
-
-    def cut(self, reason: str) -> None:
-        """End the stream now: shut the upstream socket so a blocked read returns."""
-        if self.complete or self._closed:
-            return                  # its connection may already serve another request
-        self.cut_reason = reason
-        sock = getattr(self.response.connection, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __iter__(self) -> Iterator[bytes]:
         if self._bodyless:
             return
+        yield b""
         read1 = self.response.read1
         while True:
             try:
                 data = read1(CHUNK, decode_content=False)
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+                    ValueError) as e:
                 data, error = None, e
-            if self.cut_reason == CLIENT_GONE:
-                self.error = "the client went away"
-                return                     # nobody is reading: end quietly
-            if self.cut_reason == JOB_TIMEOUT:
-                self.error = "the job ran past scheduler.job_timeout_s"
-                log.warning("%s: %s after %d bytes; cutting the response off",
-                            self.response.url, self.error, self.bytes_out)
-                raise UpstreamBroken(self.error)
-            if data is None:
-                self.error = describe(error)
-                log.warning("upstream %s broke mid-response after %d bytes: %s",
-                            self.response.url, self.bytes_out, self.error)
-                raise UpstreamBroken(self.error) from None
-            if not data:
-                self.complete = True
+            if data == b"":
+                self.complete = True      # read whole, whoever hangs up now
                 return
+            reason = self.exchange.cut_reason
+            if reason is not None or data is None:
+                if reason is None:
+                    self.error = f"the upstream broke off: {describe(error)}"
+                    self.exchange.cut(UPSTREAM_BROKE)     # shuts the client's socket too
+                elif reason == CLIENT_GONE:
+                    self.error = "the client went away"
+                elif reason == JOB_TIMEOUT:
+                    self.error = "the job ran past scheduler.job_timeout_s"
+                else:
+                    self.error = reason
+                if reason != CLIENT_GONE:
+                    log.warning("%s: %s after %d bytes; cutting the answer off",
+                                self.response.url, self.error, self.bytes_out)
+                raise ResponseCut(self.error)
             self.bytes_out += len(data)
             yield data
 
@@ -427,7 +538,10 @@ class StreamedBody:
             return
         self._closed = True
         try:
-            if self.complete and self.cut_reason is None:
+            if self.complete and self.exchange.cut_reason is None:
+                sock = getattr(self.response.connection, "sock", None)
+                if sock is not None:
+                    self.exchange.detach(sock)    # it goes back to the pool
                 if self._bodyless:
                     self.response.drain_conn()    # lets http.client mark it finished
                 self.response.release_conn()      # whole: the connection is reusable

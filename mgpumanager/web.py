@@ -9,8 +9,9 @@ or went away.
 from __future__ import annotations
 
 import calendar
+import json
 import logging
-import socket
+import sys
 import time
 from urllib.parse import quote
 
@@ -18,57 +19,94 @@ from flask import Blueprint, Response, current_app, jsonify, render_template, re
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from .broker import Broker, Job
-from .errors import BadRequest, BrokerError, MethodNotAllowed, NotFound
+from .errors import (BadRequest, BrokerError, MethodNotAllowed, NotFound, RequestTimeout,
+                     UpstreamBadResponse)
+from .lease import Exchange
 from .metrics import render as render_metrics
-from .proxy import (StreamedBody, client_gone, drain_body, request_body, request_headers,
-                    response_headers)
+from .proxy import (SpooledBody, StreamedBody, client_gone, drain_body, request_body,
+                    request_headers, response_headers, spool_body, status_line)
 
 log = logging.getLogger("mgpumanager.web")
 bp = Blueprint("mgpumanager", __name__)
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+class RestConverter(PathConverter):
+    """The rest of the path as sent, slashes and all (``//prompt`` too): an
+    upstream path is the service's to interpret, not the router's."""
+    regex = ".*"
+    part_isolating = False
+
+
 def broker() -> Broker:
     return current_app.extensions["mgpumanager"]
 
 
-class PassthroughResponse(Response):
-    """Status, headers and body exactly as given; ``body.close()`` always runs.
+# environ keys of this layer
+BODY_DONE = "mgpumanager.body_done"          # the body was read (or failed): never drain it
+STREAMED = "mgpumanager.streamed"            # the proxied body, until the server owns it
 
-    Werkzeug would add a default Content-Type, and for HEAD, 1xx, 204 and
-    304 it swaps the body for an empty tuple without closing the original,
-    which would leave the GPU lock held; so this bypasses that machinery.
+
+class PassthroughResponse(Response):
+    """Status, headers and body exactly as the upstream sent them.
+
+    Werkzeug's own ``__call__`` would work on the headers on the way out
+    (a default Content-Type, Content-Length handling for bodyless answers);
+    a proxy must pass them byte for byte. And the server may still refuse
+    what it is handed (gunicorn raises from ``start_response`` on a header
+    it will not send): the GPU job must end then too, and the client get a
+    502 instead of the server's own error page.
     """
     default_mimetype = None
 
-    def __init__(self, body, status: str, headers: list[tuple[str, str]]):
+    def __init__(self, body: StreamedBody, status: str, headers: list[tuple[str, str]]):
         super().__init__(status=status)
         self.headers = Headers(headers)
         self.body = body
 
     def __call__(self, environ, start_response):
-        start_response(self.status, self.headers.to_wsgi_list())
+        try:
+            start_response(self.status, self.headers.to_wsgi_list())
+        except Exception as e:
+            self.body.close()
+            log.warning("the server refused the upstream's answer: %s", e)
+            err = UpstreamBadResponse(f"the answer could not be forwarded: {type(e).__name__}")
+            data = json.dumps(err.to_json()).encode()
+            start_response(f"{err.status} Bad Gateway",
+                           [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(data)))], sys.exc_info())
+            return [data]
+        self.body.handed_over = True
         return self.body
 
 
 @bp.before_app_request
-def send_without_delay() -> None:
-    """Turn Nagle's algorithm off on the client connection.
+def bound_client_io() -> None:
+    """Every read from and write to the client has a deadline.
 
-    gunicorn sends a response's headers and its body in separate writes;
-    with Nagle on, a small write waits until the client has acknowledged
-    the previous one, so against a client that delays its ACKs (up to 40 ms
-    on a LAN) the body can wait for the headers' ACK, and each streamed
-    token line for the one before it.
+    A client that stops sending its body, or stops reading its answer, for
+    proxy.client_timeout_s gets its connection cut instead of keeping a
+    thread (and, for a GPU job, the GPU). gunicorn resets the socket to
+    blocking between requests, so this covers exactly this request.
     """
     sock = request.environ.get("gunicorn.socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock is not None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(broker().config.proxy.client_timeout_s)
         except OSError:
             pass
+
+
+@bp.teardown_app_request
+def end_unsent_answer(exc) -> None:
+    """The safety net: a proxied answer the server never took (an error
+    after the view returned) must still end its job."""
+    streamed = request.environ.pop(STREAMED, None)
+    if streamed is not None and not streamed.handed_over:
+        streamed.close()
 
 
 def raw_path(environ) -> str:
@@ -80,55 +118,92 @@ def raw_path(environ) -> str:
 
 
 def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Response:
+    """Forward this request to consumer ``name``; as a GPU job if ``gpu``.
+
+    A GPU job's body is received whole first (a stalled upload never holds
+    the GPU, and a client that leaves meanwhile never queues); the job's
+    lease then watches the client socket until the answer is done.
+    """
+    b = broker()
+    environ = request.environ
+    query = environ.get("QUERY_STRING")
+    target = upstream_path + (f"?{query}" if query else "")
+    if not target.isascii():
+        raise BadRequest("the request target must be ASCII (percent-encode other bytes)")
+    client_sock = environ.get("gunicorn.socket")
+    if not gpu:
+        b.check_healthy(name, kind)
+        exchange = Exchange()
+        if client_sock is not None:
+            exchange.attach(client_sock)      # an upstream that breaks off cuts the answer
+        return forward(name, kind, target, request_body(environ), exchange, None)
+    try:
+        body = spool_body(environ, b.config.proxy.max_body_bytes)
+    except BrokerError as e:
+        environ[BODY_DONE] = True
+        b.client_error(e, name, kind)
+        raise
+    environ[BODY_DONE] = True
+    try:
+        job = b.start_job(name, kind, cancelled=client_gone(environ))
+    except BaseException:
+        if body is not None:
+            body.close()
+        raise
+    if client_sock is not None:
+        job.lease.attach(client_sock)
+        b.watch.watch_client(job.lease, client_sock)
+    return forward(name, kind, target, body, job.lease, job)
+
+
+def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
+            job: Job | None) -> Response:
+    """Send the request upstream; the answer, or a typed error, comes back.
+    With a job, every way out of here ends it, or hands it to the response."""
     b = broker()
     environ = request.environ
     consumer = b.config.consumers[name]
-    method = environ["REQUEST_METHOD"]
-    job: Job | None = None
-    if gpu:
-        job = b.start_job(name, kind, cancelled=client_gone(environ))
-    else:
-        b.check_healthy(name, kind)
-    query = environ.get("QUERY_STRING")
-    body = request_body(environ)
+    bytes_in = body.size if isinstance(body, SpooledBody) else 0
     try:
-        upstream = b.upstream.open(method, consumer.url,
-                                   upstream_path + (f"?{query}" if query else ""),
+        upstream = b.upstream.open(environ["REQUEST_METHOD"], consumer.url, target,
                                    headers=request_headers(environ), body=body,
-                                   read_timeout_s=consumer.read_timeout_s, consumer=name)
+                                   read_timeout_s=consumer.read_timeout_s, consumer=name,
+                                   exchange=exchange)
     except BaseException as e:
         if isinstance(e, BrokerError):
             e.kind = kind
+        if isinstance(e, (BadRequest, RequestTimeout)):
+            environ[BODY_DONE] = True
+            b.client_error(e, name, kind)
         if job is not None:
-            job.finish(ok=False, status=getattr(e, "status", None),
-                       bytes_in=getattr(body, "bytes_read", 0),
-                       error=getattr(e, "message", "the request to the upstream failed"))
+            job.finish(ok=False, reached=getattr(e, "reached", None),
+                       status=getattr(e, "status", None), bytes_in=bytes_in,
+                       error=getattr(e, "message", f"the request failed: {type(e).__name__}"))
         raise
+    finally:
+        if isinstance(body, SpooledBody):
+            body.close()
 
     status = upstream.status
-    bodyless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-
-    guard_key = None
+    bodyless = environ["REQUEST_METHOD"] == "HEAD" or status in (204, 304) or status < 200
 
     def on_close(streamed: StreamedBody) -> None:
-        if guard_key is not None:
-            b.stream_guard.unwatch(guard_key)
-        if job is None:
-            return
-        error = streamed.error or (None if streamed.complete else "the client went away")
-        job.finish(ok=streamed.complete and status < 500, status=status,
-                   bytes_in=getattr(body, "bytes_read", 0), bytes_out=streamed.bytes_out,
-                   error=error)
+        if job is not None:
+            job.finish(ok=streamed.complete and status < 500, reached=True, status=status,
+                       bytes_in=bytes_in, bytes_out=streamed.bytes_out,
+                       error=streamed.error or (None if streamed.complete
+                                                else "the client went away or stopped reading"))
 
-    streamed = StreamedBody(upstream, on_close, bodyless=bodyless)
+    streamed = StreamedBody(upstream, exchange, on_close, bodyless=bodyless)
     try:
-        if job is not None and not bodyless:
-            guard_key = b.stream_guard.watch(environ.get("gunicorn.socket"),
-                                             job.started + b.config.scheduler.job_timeout_s,
-                                             streamed.cut)
-        return PassthroughResponse(streamed, f"{status} {upstream.reason or ''}".strip(),
-                                   response_headers(upstream.headers))
-    except BaseException:
+        headers = response_headers(upstream.headers)
+        response = PassthroughResponse(streamed, status_line(status, upstream.reason), headers)
+        environ[STREAMED] = streamed
+        return response
+    except BaseException as e:
+        if isinstance(e, BrokerError):
+            e.consumer, e.kind = name, kind
+            streamed.error = e.message
         streamed.close()          # until the server holds the body, nobody else will
         raise
 
@@ -141,13 +216,17 @@ def facade(kind: str):
 
 
 @bp.route("/upstream/<name>", defaults={"path": ""}, methods=ALL_METHODS,
-          provide_automatic_options=False)
-@bp.route("/upstream/<name>/<path:path>", methods=ALL_METHODS, provide_automatic_options=False)
+          provide_automatic_options=False, strict_slashes=False)
+@bp.route("/upstream/<name>/<rest:path>", methods=ALL_METHODS, provide_automatic_options=False,
+          strict_slashes=False)
 def upstream(name: str, path: str):
     b = broker()
     b.check_consumer(name)
     prefix, sent = f"/upstream/{name}", raw_path(request.environ)
-    upath = (sent[len(prefix):] if sent.startswith(prefix) else "/" + quote(path)) or "/"
+    if sent == prefix or sent.startswith(prefix + "/"):
+        upath = sent[len(prefix):] or "/"
+    else:                               # the client escaped part of the prefix itself
+        upath = "/" + quote(path)
     gpu = b.config.consumers[name].is_gpu_route(request.method, upath)
     return proxy(name, None, upath, gpu=gpu)
 
@@ -166,6 +245,8 @@ def consumer_action(name: str, action: str):
     b.check_consumer(name)
     if action not in ("load", "unload"):
         raise NotFound(f"no action {action!r}: use load or unload", consumer=name)
+    drain_body(request.environ)           # received before the job queues, like any GPU job's
+    request.environ[BODY_DONE] = True
     gone = client_gone(request.environ)
     result = b.load(name, cancelled=gone) if action == "load" else b.unload(name, cancelled=gone)
     return jsonify(result)
@@ -231,13 +312,15 @@ def error_response(e: BrokerError) -> Response:
 def on_broker_error(e: BrokerError):
     # A body left unread makes gunicorn close the connection under the
     # client's next request (it drains only 64 KiB itself): read it first.
-    drain_body(request.environ)
+    if not request.environ.get(BODY_DONE):
+        drain_body(request.environ)
     return error_response(e)
 
 
 @bp.app_errorhandler(HTTPException)
 def on_http_error(e: HTTPException):
-    drain_body(request.environ)
+    if not request.environ.get(BODY_DONE):
+        drain_body(request.environ)
     if e.code == 405:
         resp = error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))
         resp.headers["Allow"] = ", ".join(e.valid_methods or ())
