@@ -43,6 +43,25 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 loglevel = "info"
+if _config.server.log_format == "json":
+    # Every line one JSON object, gunicorn's own (master and worker) too:
+    # its loggers get the broker's formatter.
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "mgpumanager.logs.JsonFormatter"}},
+        "handlers": {
+            "error_console": {"class": "logging.StreamHandler", "formatter": "json",
+                              "stream": "ext://sys.stderr"},
+            "console": {"class": "logging.StreamHandler", "formatter": "json",
+                        "stream": "ext://sys.stdout"}},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
+                               "propagate": False, "qualname": "gunicorn.error"},
+            "gunicorn.access": {"level": "INFO", "handlers": ["console"],
+                                "propagate": False, "qualname": "gunicorn.access"}},
+        "root": {"level": "INFO", "handlers": ["error_console"]},
+    }
 # gunicorn's control socket sits at one path per user, so a second broker
 # (or the test suite) would fight over it; the broker needs none of it.
 control_socket_disable = True

@@ -86,6 +86,16 @@ class BrokerCollector:
                                         "Queued jobs dropped because their client left.")
         abandoned.add_metric([], stats["abandoned"])
         yield abandoned
+        client_errors = CounterMetricFamily(
+            "mgpumanager_client_errors", "Requests refused for the client's own fault "
+            "(bad, oversized or stalled bodies), by error code.", labels=["code"])
+        for code, n in sorted(stats["client_errors_by_code"].items()):
+            client_errors.add_metric([code], n)
+        yield client_errors
+        expired = CounterMetricFamily("mgpumanager_leases_expired",
+                                      "GPU leases the watchdog released past their deadline.")
+        expired.add_metric([], stats["leases_expired"])
+        yield expired
 
         depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.")
         depth.add_metric([], stats["queue_depth"])

@@ -323,7 +323,7 @@ def client_gone(environ: dict) -> Callable[[], bool] | None:
     return gone
 
 
-_sending = threading.local()        # .exchange: the exchange this thread is sending
+_sending = threading.local()        # .exchange, .target: what this thread is sending
 
 
 class _WatchedConnectionMixin:
@@ -338,11 +338,13 @@ class _WatchedConnectionMixin:
         if exchange is not None:
             exchange.attach(self.sock)
 
-    def request(self, *args, **kwargs):
+    def request(self, method, url, *args, **kwargs):
         exchange = getattr(_sending, "exchange", None)
         if exchange is not None and self.sock is not None:
             exchange.attach(self.sock)
-        return super().request(*args, **kwargs)
+        # urllib3 re-encodes the target (%2e becomes %2E); a proxy sends it as it came.
+        url = getattr(_sending, "target", None) or url
+        return super().request(method, url, *args, **kwargs)
 
 
 class _WatchedHTTPConnection(_WatchedConnectionMixin, urllib3.connection.HTTPConnection):
@@ -405,7 +407,7 @@ class UpstreamPool:
         timeout = urllib3.Timeout(connect=self.connect_timeout_s,
                                   read=read_timeout_s or self.read_timeout_s)
         who = consumer or base_url
-        _sending.exchange = exchange
+        _sending.exchange, _sending.target = exchange, path
         try:
             return self._pool(base_url).urlopen(
                 method, path, body=body, headers=headers, retries=False, redirect=False,
@@ -414,7 +416,7 @@ class UpstreamPool:
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
             raise _upstream_error(e, who, timeout, exchange, consumer) from e
         finally:
-            _sending.exchange = None
+            _sending.exchange = _sending.target = None
 
 
 def _upstream_error(e: BaseException, who: str, timeout, exchange: Exchange | None,

@@ -35,6 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_exchange(port: int, request: bytes, *, half_close: bool = False,
+                 timeout_s: float = 10) -> bytes:
+    """Send raw request bytes and read until the broker closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(request)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                more = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not more:
+                break
+            data += more
+    return data
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -122,10 +141,10 @@ class BrokerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
+                if requests.get(self.url + "/healthz", timeout=2).ok:
                     return self
-            except requests.ConnectionError:
-                pass
+            except requests.RequestException:
+                pass    # not listening yet, or listening before the worker booted
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not answer within {timeout_s} s:\n{self.log()}")
 

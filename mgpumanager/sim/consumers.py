@@ -243,8 +243,8 @@ def _repeat(data: bytes, size: int):
 class WhisperSim(ModelServer):
     """whisper.cpp-server-like STT: POST /inference (multipart), JSON text.
 
-    Like the real server it wants a Content-Length: a chunked upload is
-    refused with 411. It has no unload route; the model stays once loaded.
+    Like the real server (1.9.1) it takes Content-Length and chunked
+    uploads alike. It has no unload route; the model stays once loaded.
     """
     name = "whisper"
     resident_mib = 1800
@@ -261,8 +261,6 @@ class WhisperSim(ModelServer):
         return Reply.json({"status": "ok"})
 
     def inference(self, req: Request) -> Reply:
-        if req.chunked:
-            return Reply.json({"error": "chunked uploads are not supported"}, 411)
         if "multipart/form-data" not in (req.headers.get("Content-Type") or ""):
             return Reply.json({"error": "expected multipart/form-data with a file field"}, 400)
         size = sum(len(c) for c in req.iter_body())

@@ -28,6 +28,7 @@ class EchoServer(SimServer):
 
     def register(self):
         self.release = threading.Event()      # /hold waits for this
+        self.verbatim: dict[str, bytes] = {}  # /raw/<name> answers these bytes as they are
         self.route("*", "/echo(/.*)?", self.echo)
         self.route("GET", "/health", lambda r: Reply.json({"ok": True}) if self.healthy
                    else Reply.json({"ok": False}, 503))
@@ -37,6 +38,8 @@ class EchoServer(SimServer):
         self.route("*", "/status/(?P<code>[0-9]{3})", self.status)
         self.route("*", "/slow", self.slow)
         self.route("*", "/hold", self.hold)
+        self.route("*", "/raw/(?P<name>[^/]+)",
+                   lambda r: Reply.verbatim(self.verbatim[r.params["name"]]))
         self.route("*", "/small", lambda r: Reply(200, b'{"ok":true}', content_type="application/json"))
 
     def echo(self, req: Request) -> Reply:

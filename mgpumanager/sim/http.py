@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 
 @dataclass
@@ -34,10 +34,9 @@ class Request:
     def __init__(self, handler: "_Handler", method: str):
         self.handler = handler
         self.method = method
-        parts = urlsplit(handler.path)
-        self.path = parts.path
-        self.query_string = parts.query
-        self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # Split by hand: urlsplit would take "//x" for a host.
+        self.path, _, self.query_string = handler.path.partition("?")
+        self.query = {k: v[-1] for k, v in parse_qs(self.query_string).items()}
         self.headers = handler.headers
         self._body: bytes | None = None
         self.bytes_read = 0
@@ -99,9 +98,19 @@ class Reply:
         if content_type:
             self.headers.append(("Content-Type", content_type))
 
+    raw: bytes | None = None
+
     @classmethod
     def json(cls, obj, status: int = 200, headers=None) -> "Reply":
         return cls(status, json.dumps(obj).encode(), headers, "application/json")
+
+    @classmethod
+    def verbatim(cls, data: bytes) -> "Reply":
+        """These bytes, status line and all, then the connection closes:
+        for answers no well-behaved server would send."""
+        reply = cls()
+        reply.raw = data
+        return reply
 
 
 Route = Callable[[Request], Reply]
@@ -196,6 +205,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def _send(self, reply: Reply):
+        if reply.raw is not None:
+            self.wfile.write(reply.raw)
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         names = {k.lower() for k, _ in reply.headers}
         for k, v in reply.headers:

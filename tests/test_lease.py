@@ -1,0 +1,209 @@
+"""The GPU lease through a real gunicorn: nothing a client or a service does
+holds the GPU past its deadline, skips the lock, ends a cut answer cleanly,
+or blames the wrong side."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import raw_exchange
+
+FAST = {"scheduler": {"job_timeout_s": 5}, "proxy": {"client_timeout_s": 1}}
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def gpu_is_free(broker) -> bool:
+    return broker.status()["scheduler"]["in_flight"] == 0
+
+
+def assert_next_job_runs_promptly(broker):
+    t0 = time.monotonic()
+    r = requests.post(broker.url + "/v1/echo", data=b"next", timeout=10)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 3, "the next job waited for a lease that should be gone"
+
+
+def hold_gpu(broker):
+    r = requests.post(broker.url + "/upstream/echo/hold", stream=True, timeout=30)
+    r.lines = r.iter_lines()
+    assert next(r.lines) == b"first"
+    return r
+
+
+# 1. A service answer gunicorn cannot send
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello", id="length-not-a-number"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 5\r\n\r\nhello",
+                 id="control-byte-in-value"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX(Evil): 1\r\nContent-Length: 5\r\n\r\nhello", id="bad-name"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+                 id="two-lengths"),
+    pytest.param(b"HTTP/1.1 2000 Nope\r\n\r\n", id="bad-status-line"),
+])
+def test_a_malformed_answer_is_a_502_and_the_gpu_is_free(broker_with, echo, raw):
+    b = broker_with(FAST)
+    echo.verbatim["bad"] = raw
+    r = requests.post(b.url + "/upstream/echo/raw/bad", data=b"x", timeout=10)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_bad_response"
+    assert gpu_is_free(b)
+    assert_next_job_runs_promptly(b)
+
+
+# 2. A client that stalls its upload
+
+def test_a_stalled_upload_never_holds_the_gpu_and_gets_a_408(broker_with, echo):
+    b = broker_with(FAST)
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    time.sleep(0.2)
+    assert gpu_is_free(b)                        # it is still sending: not queued
+    assert_next_job_runs_promptly(b)
+    s.settimeout(5)
+    answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    s.close()
+    assert echo.requests_to("/echo") and all(x.body_bytes == 4 for x in echo.requests_to("/echo"))
+    st = b.status()
+    assert st["consumers"]["echo"]["failed_requests"] == 0
+    assert st["scheduler"]["client_errors_by_code"] == {"request_timeout": 1}
+
+
+def test_a_client_that_leaves_during_its_upload_never_queues(broker_with, echo):
+    b = broker_with(FAST)
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    s.close()
+    time.sleep(0.3)
+    assert echo.requests_to("/echo") == []
+    assert_next_job_runs_promptly(b)
+
+
+def test_a_body_over_max_body_mib_is_refused_with_413(broker_with, echo):
+    b = broker_with({"proxy": {"max_body_mib": 1}})
+    r = requests.post(b.url + "/v1/echo", data=b"x" * (1024 * 1024 + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    r = requests.post(b.url + "/v1/echo", data=iter([b"x" * 700_000, b"y" * 700_000]))
+    assert r.status_code == 413
+    assert echo.requests_to("/echo") == []
+
+
+# 3. A client that leaves before the service answers
+
+def test_a_client_that_leaves_before_the_answer_frees_the_gpu_at_once(broker_with, echo):
+    b = broker_with(FAST)
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(b"POST /upstream/echo/slow?s=4 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    wait_until(lambda: echo.requests_to("/slow"), what="the job to reach the service")
+    assert not gpu_is_free(b)
+    t0 = time.monotonic()
+    s.close()
+    wait_until(lambda: gpu_is_free(b), 2, "the GPU to be freed")
+    assert time.monotonic() - t0 < 1.5
+    assert_next_job_runs_promptly(b)
+
+
+def test_a_client_that_stops_reading_is_cut_after_client_timeout_s(broker_with, echo):
+    b = broker_with({"scheduler": {"job_timeout_s": 30}, "proxy": {"client_timeout_s": 1}})
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"POST /upstream/echo/bytes/268435456 HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Length: 0\r\n\r\n")
+    wait_until(lambda: not gpu_is_free(b), what="the job to start")
+    t0 = time.monotonic()
+    wait_until(lambda: gpu_is_free(b), 10, "the stalled reader to be cut")
+    assert time.monotonic() - t0 < 6
+    s.close()
+    assert_next_job_runs_promptly(b)
+
+
+# 4. Paths a service decodes to its GPU route
+
+@pytest.mark.parametrize("path", ["/prompt", "/%70rompt", "/prompt/", "//prompt", "/api/prompt",
+                                  "/x/../prompt", "/%2e%2e/prompt", "/%2570rompt"])
+def test_encoded_gpu_routes_wait_for_the_lock(broker_with, sim, path):
+    # Sent as raw bytes: an HTTP client library would tidy the path first.
+    b = broker_with({"consumers": {"comfyui": {"gpu_routes": ["POST /prompt", "POST /api/prompt"]}}})
+    held = hold_gpu(b)
+    body = b'{"prompt": {}}'
+    out = {}
+    request = (b"POST /upstream/comfyui" + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    t = threading.Thread(target=lambda: out.update(data=raw_exchange(b.port, request)), daemon=True)
+    t.start()
+    wait_until(lambda: b.status()["scheduler"]["queue_depth"] == 1, what="the job to queue")
+    assert [x.path for x in sim.comfyui.seen if x.method == "POST"] == []
+    held.close()
+    t.join(10)
+    assert out["data"].startswith(b"HTTP/1.1 "), out
+    posts = [x.path for x in sim.comfyui.seen if x.method == "POST"]
+    # Forwarded as sent (http.server itself folds a leading "//" into "/").
+    assert posts == [path if not path.startswith("//") else path[1:]]
+
+
+# 5. Never a clean end on a cut answer
+
+def test_a_half_closed_llm_stream_is_cut_not_ended_cleanly(broker, sim):
+    body = json.dumps({"model": "m", "prompt": "hi", "options": {"num_predict": 40}}).encode()
+    data = raw_exchange(broker.port, b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                        half_close=True)
+    assert not data.endswith(b"0\r\n\r\n"), data[-200:]
+    wait_until(lambda: gpu_is_free(broker), 3, "the GPU to be freed")
+
+
+def test_content_length_beside_chunked_is_dropped_and_the_body_arrives_whole(broker, echo):
+    echo.verbatim["both"] = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n"
+                             b"Content-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    r = requests.post(broker.url + "/upstream/echo/raw/both", data=b"x")
+    assert r.status_code == 200 and r.content == b"hello world"
+    assert "Content-Length" not in r.headers
+
+
+def test_an_upstream_that_breaks_off_mid_body_truncates_the_answer(broker, echo):
+    echo.verbatim["short"] = (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
+                              b"Content-Type: text/plain\r\n\r\nonly forty-two bytes of a hundred.........")
+    data = raw_exchange(broker.port, b"POST /upstream/echo/raw/short HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) < 100
+    wait_until(lambda: gpu_is_free(broker), 3, "the GPU to be freed")
+    events = requests.get(broker.url + "/v1/events").json()["events"]
+    job = [e for e in events if e["type"] == "job"][-1]
+    assert job["ok"] is False and "broke off" in job["error"]
+
+
+# 6. The client's own errors are the client's
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b"zz\r\nabc\r\n0\r\n\r\n", id="bad-chunk-size"),
+    pytest.param(b"3\r\nabcdef\r\n0\r\n\r\n", id="chunk-longer-than-its-size"),
+    pytest.param(b"ff\r\nabc", id="chunk-shorter-than-its-size"),
+])
+@pytest.mark.parametrize("path", ["/v1/echo", "/upstream/echo/echo?gpu=0"])
+def test_a_malformed_chunked_body_is_the_clients_400(broker, echo, body, path):
+    method = b"POST" if path.startswith("/v1") else b"DELETE"      # DELETE streams: no GPU job
+    data = raw_exchange(broker.port, method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + body, half_close=True)
+    if data:                                   # a client that lies may also get just a cut
+        assert data.startswith(b"HTTP/1.1 400"), data[:200]
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_request"
+    st = broker.status()
+    assert st["consumers"]["echo"]["failed_requests"] == 0
+    assert st["consumers"]["echo"]["healthy"] is True
+    events = requests.get(broker.url + "/v1/events").json()["events"]
+    assert not [e for e in events if e["type"] in ("job", "refused")]
+    assert gpu_is_free(broker)
