@@ -8,7 +8,9 @@ the broker, a fresh gunicorn process running a config written for it.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,30 +123,44 @@ def sim_config(sim, echo=None) -> dict:
 class BrokerProcess:
     """A gunicorn serving the broker on its own port, for one test."""
 
+    _serial = itertools.count(1)
+
     def __init__(self, config: dict, tmp_path: Path, extra_args: list[str] = ()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = tmp_path / f"broker-{self.port}.yaml"
+        n = next(self._serial)
+        self.port: int | None = None      # gunicorn binds port 0; wait_ready reads which
+        self.config_path = tmp_path / f"broker-{n}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp_path / f"broker-{self.port}.log"
+        self.log_path = tmp_path / f"broker-{n}.log"
         env = dict(os.environ, MGPUMANAGER_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
         env.pop("GUNICORN_CMD_ARGS", None)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-             "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", *extra_args],
+             "--bind", "127.0.0.1:0", "--no-control-socket", *extra_args],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout_s: float = 20) -> "BrokerProcess":
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 30) -> "BrokerProcess":
+        """Until the worker answers /healthz. gunicorn listens before its
+        worker has booted, so a slow start (a busy machine) shows as a
+        timeout or a refusal here, never as a failure."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass    # not listening yet, or listening before the worker booted
+            if self.port is None:
+                found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log())
+                if found:
+                    self.port = int(found.group(1))
+            if self.port is not None:
+                try:
+                    if requests.get(self.url + "/healthz", timeout=2).ok:
+                        return self
+                except requests.RequestException:
+                    pass
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not answer within {timeout_s} s:\n{self.log()}")
 
@@ -171,9 +187,9 @@ class BrokerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -192,6 +208,9 @@ def start_broker(tmp_path):
         return b.wait_ready() if ready else b
 
     yield start
+    for b in started:             # all at once: each waits out its lingering clients
+        if b.proc.poll() is None:
+            b.proc.send_signal(signal.SIGTERM)
     for b in started:
         b.stop()
 

@@ -54,7 +54,7 @@ def test_serve_command_runs_gunicorn_on_the_given_config_and_address(sim, tmp_pa
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         b = BrokerProcess.__new__(BrokerProcess)
-        b.url, b.proc = f"http://127.0.0.1:{port}", proc
+        b.port, b.proc = port, proc
         b.log = lambda: "(serve output not captured)"
         b.wait_ready()
         assert requests.get(b.url + "/v1/status").json()["broker"]["config"] == str(path)

@@ -512,8 +512,13 @@ class SimCluster:
         return {s.name: s for s in (self.mvoice, self.whisper, self.ollama, self.comfyui)}
 
     def stop(self) -> None:
-        for s in (self.gpu_server, *self.consumers.values()):
-            s.stop()
+        # In parallel: each server's shutdown waits out its poll interval.
+        threads = [threading.Thread(target=s.stop) for s in (self.gpu_server,
+                                                             *self.consumers.values())]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def start_cluster(total_mib: int = 24576, *, time_scale: float = 1.0,

@@ -132,7 +132,7 @@ class SimServer:
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
-                                       name=f"sim-{self.name}", kwargs={"poll_interval": 0.1})
+                                       name=f"sim-{self.name}", kwargs={"poll_interval": 0.05})
         self.register()
 
     def register(self) -> None:
