@@ -32,7 +32,8 @@ from .errors import (Abandoned, BadRequest, BrokerError, ConsumerUnhealthy, Insu
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
-from .policy import plan_room
+from .policy import ConsumerView, plan_room
+from .procs import Attribution
 from .proxy import UpstreamPool
 
 log = logging.getLogger("mgpumanager.broker")
@@ -136,7 +137,10 @@ class Broker:
                                               config.health.timeout_s)
         fallback_total = sum(c.vram_resident_mib for c in config.consumers.values())
         self.reader = reader or make_reader(config.gpu, self.registry.held_mib, fallback_total)
-        self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s)
+        sources = {n: c.pids_from for n, c in config.consumers.items() if c.pids_from}
+        self.attribution = Attribution(sources) if sources else None
+        self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s,
+                                  on_sample=self._attribute)
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
         self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
         self._stop = threading.Event()
@@ -155,6 +159,7 @@ class Broker:
         self._wait_hist = Histogram()
         self._run_hist = Histogram()
         self._current: Lease | None = None           # whoever holds the GPU lock
+        self._last_belief_problem = None             # under the GPU lock only
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -373,19 +378,30 @@ class Broker:
         deadline = min(deadline, self.clock() + max(0.0, job.lease.deadline - time.monotonic()))
         while True:
             job.lease.check()
-            views = self.registry.views()
-            if views[target].loaded is True:
-                break                         # resident: no reading, no calls
+            # Every decision is checked against a fresh reading, also for a
+            # target believed resident: beliefs say who may be evicted, the
+            # reading says how much is free.
+            taken_at = self.clock()
             reading = self.reader.read()
             if reading.free_mib is None or reading.total_mib is None:
                 log.warning("no GPU reading (%s): running %s without a VRAM check",
                             reading.error, target)
                 break
+            self._attribute(reading, taken_at)
+            views = self.registry.views()
+            self._check_beliefs(views, reading)
             for name in failed:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
             plan = plan_room(target, views, free_mib=reading.free_mib,
                              total_mib=reading.total_mib, cushion_mib=self.config.gpu.cushion_mib,
                              coexist=self.config.may_coexist)
+            if plan.contradicted:
+                message = (f"{target} was believed resident, but the reading "
+                           f"({reading.free_mib} MiB free of {reading.total_mib}, "
+                           f"{reading.source}) has no room for it: treating it as not resident")
+                log.warning("%s", message)
+                self.events.add("belief_corrected", message, consumer=target)
+                self.registry.mark_loaded(target, None)
             if plan.never_fits:
                 raise InsufficientVram(plan.reason + "; " + self._holders(reading),
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
@@ -456,17 +472,54 @@ class Broker:
             log.warning("load of %s failed: %s", target, error)
             return
         until = min(self.clock() + self.config.scheduler.evict_settle_s, deadline)
-        while self.clock() < until:
+        confirmed = False
+        while True:               # at least one probe, however short the settle time
             result = self.health.probe(target)
-            if result.ok and result.loaded is not False:
+            if result.ok and result.loaded is True:
+                confirmed = True
                 break
+            if (result.ok and result.loaded is None) or self.clock() >= until:
+                break             # it says nothing of its state: the load stays unconfirmed
             self.sleep(0.1)
-        self.registry.mark_loaded(target, True, counted="load")
+        # A load no probe confirmed leaves it possibly loaded: counted as
+        # resident everywhere, but never believed over a reading.
+        self.registry.mark_loaded(target, True if confirmed else None, counted="load")
         with self._stats_lock:
             self._loads[target] += 1
         ms = (self.clock() - t0) * 1000
         self.events.add("loaded", f"loaded {target} ({ms:.0f} ms)", consumer=target,
                         ms=round(ms, 1))
+
+    def _attribute(self, reading: GpuReading, taken_at: float) -> None:
+        """Per-process VRAM from the reading, given to the consumers it belongs to."""
+        if self.attribution is None or reading.processes is None:
+            return
+        measured = self.attribution.measure(reading.processes)
+        for warning in self.registry.record_measured(measured, taken_at):
+            log.warning("%s", warning)
+            self.events.add("measured_above_config", warning)
+
+    def _check_beliefs(self, views: dict[str, ConsumerView], reading: GpuReading) -> None:
+        """Beliefs that cannot all be true are an event and a warning (once
+        per distinct state); the planner resolves them before the job runs."""
+        believed = sum(v.resident_mib for v in views.values() if v.loaded is True)
+        problem = None
+        if believed > reading.total_mib:
+            problem = (f"the consumers believed loaded hold {believed} MiB, more than the "
+                       f"GPU's {reading.total_mib} MiB")
+        elif self.reader.live and reading.used_mib is not None and \
+                believed > reading.used_mib + self.config.gpu.cushion_mib:
+            problem = (f"the consumers believed loaded hold {believed} MiB, but the reading "
+                       f"shows only {reading.used_mib} MiB in use")
+        signature = (problem is not None,
+                     tuple(sorted(n for n, v in views.items() if v.loaded is True)))
+        if problem is None or signature == self._last_belief_problem:
+            self._last_belief_problem = signature if problem else None
+            return
+        self._last_belief_problem = signature
+        log.warning("beliefs contradicted: %s", problem)
+        self.events.add("beliefs_contradicted", problem, believed_mib=believed,
+                        used_mib=reading.used_mib, total_mib=reading.total_mib)
 
     def _holders(self, reading: GpuReading) -> str:
         views = self.registry.views()

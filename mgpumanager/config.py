@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from .errors import ConfigError
+from .procs import PidsFrom
 
 DEFAULT_CONFIG = "etc/consumers.yaml"
 CONFIG_ENV = "MGPUMANAGER_CONFIG"
@@ -151,6 +152,7 @@ class ConsumerConfig:
     vram_managed: bool = False
     idle_unload_s: float | None = None
     read_timeout_s: float | None = None
+    pids_from: PidsFrom | None = None   # how to find its processes, for measured VRAM
 
     def is_gpu_route(self, method: str, raw_path: str) -> bool:
         """Whether a request to this path (as sent, escapes and all) is a GPU job."""
@@ -337,6 +339,29 @@ def _read_busy(r: _Reader, node: Any, path: str) -> BusyProbe | None:
     return BusyProbe(path=upath, keys=tuple(keys)) if upath else None
 
 
+def _read_pids_from(r: _Reader, node: Any, path: str) -> PidsFrom | None:
+    if node is None:
+        return None
+    expected = "a mapping with one of {port: 8188}, {pidfile: /run/x.pid}, {cmdline: main.py}"
+    if not isinstance(node, dict) or len(node) != 1:
+        r.problem(path, expected, node)
+        return None
+    node = r.section(node, path, ("port", "pidfile", "cmdline"))
+    if "port" in node:
+        port = r.integer(node, "port", path, None, 1, "a TCP port")
+        if port is not None and port > 65535:
+            r.problem(f"{path}.port", "a TCP port from 1 to 65535", port)
+            return None
+        return PidsFrom(port=port) if port is not None else None
+    if "pidfile" in node:
+        pidfile = r.string(node, "pidfile", path, None)
+        return PidsFrom(pidfile=pidfile) if pidfile else None
+    if "cmdline" in node:
+        cmdline = r.string(node, "cmdline", path, None)
+        return PidsFrom(cmdline=cmdline) if cmdline else None
+    return None
+
+
 def _read_gpu_routes(r: _Reader, node: Any, path: str) -> tuple[GpuRoute, ...]:
     if node is None:
         node = list(DEFAULT_GPU_ROUTES)
@@ -361,7 +386,7 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
     path = f"consumers.{name}"
     node = r.section(node, path, (
         "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load", "unload",
-        "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s"))
+        "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s", "pids_from"))
     url = r.url(node, "url", path)
     health = r.upstream_path(node, "health", path, "/")
     paths = node.get("paths", {})
@@ -396,7 +421,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         unload=_read_call(r, node.get("unload"), f"{path}.unload", "POST"),
         busy=_read_busy(r, node.get("busy"), f"{path}.busy"),
         gpu_routes=_read_gpu_routes(r, node.get("gpu_routes"), f"{path}.gpu_routes"),
-        vram_managed=r.boolean(node, "vram_managed", path, False))
+        vram_managed=r.boolean(node, "vram_managed", path, False),
+        pids_from=_read_pids_from(r, node.get("pids_from"), f"{path}.pids_from"))
     if url is None or resident is None:
         return None
     return ConsumerConfig(

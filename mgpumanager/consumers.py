@@ -20,6 +20,7 @@ from .config import Call, Config, ConsumerConfig
 from .errors import BrokerError
 from .gpu import iso_utc
 from .policy import ConsumerView
+from .procs import Measured
 from .proxy import describe
 
 log = logging.getLogger("mgpumanager.consumers")
@@ -115,9 +116,9 @@ class ConsumerState:
         self.healthy: bool | None = None
         self.last_probe_at: float | None = None
         self.last_error: str | None = None
-        # Unknown at start: with an unload route it may be resident (unloading
-        # is harmless, over-committing is not); without one it cold-starts.
-        self.loaded: bool | None = None if config.unload else False
+        # Unknown at start, for every consumer: possibly resident, so counted
+        # in every sum (over-committing is worse than a needless unload).
+        self.loaded: bool | None = None
         self.state_set_at = float("-inf")  # monotonic: when the broker last set `loaded`
         self.last_used: float | None = None        # monotonic, for LRU
         self.last_used_wall: float | None = None
@@ -127,6 +128,14 @@ class ConsumerState:
         self.evictions = 0
         self.loads = 0
         self.unload_failures = 0
+        self.measured: Measured | None = None     # from per-process attribution
+        self.peak_measured_mib = 0
+
+    @property
+    def planned_mib(self) -> int:
+        """What planning counts for it: its configured peak, or the most it was
+        ever measured holding if that is more (a measurement is never ignored)."""
+        return max(self.config.vram_resident_mib, self.peak_measured_mib)
 
     def to_json(self) -> dict:
         c = self.config
@@ -138,7 +147,14 @@ class ConsumerState:
                 "active": self.active, "total_requests": self.total_requests,
                 "failed_requests": self.failed_requests, "last_used": iso_utc(self.last_used_wall),
                 "evictions": self.evictions, "loads": self.loads,
-                "unload_failures": self.unload_failures}
+                "unload_failures": self.unload_failures,
+                "measured_mib": self.measured.mib if self.measured else None,
+                "peak_measured_mib": self.peak_measured_mib or None,
+                "attribution": (None if c.pids_from is None else {
+                    "from": c.pids_from.describe(),
+                    "pids": list(self.measured.pids) if self.measured else [],
+                    "note": (self.measured.note if self.measured
+                             else "no per-process reading yet (needs the nvml backend)")})}
 
 
 class ConsumerRegistry:
@@ -172,15 +188,14 @@ class ConsumerRegistry:
 
     def views(self) -> dict[str, ConsumerView]:
         with self._lock:
-            return {n: ConsumerView(n, s.config.vram_resident_mib, s.loaded, s.last_used,
+            return {n: ConsumerView(n, s.planned_mib, s.loaded, s.last_used,
                                     s.config.vram_managed, s.config.unload is not None)
                     for n, s in self._states.items()}
 
     def held_mib(self) -> int:
         """What the ledger counts as used: every consumer that is or may be loaded."""
         with self._lock:
-            return sum(s.config.vram_resident_mib for s in self._states.values()
-                       if s.loaded is not False)
+            return sum(s.planned_mib for s in self._states.values() if s.loaded is not False)
 
     # -- updates -------------------------------------------------------------
 
@@ -201,6 +216,28 @@ class ConsumerRegistry:
                     s.loaded = result.loaded
         if (changed or (first and not result.ok)) and self._on_health_change:
             self._on_health_change(name, result.ok, result.error)
+
+    def record_measured(self, measured: dict[str, Measured], taken_at: float) -> list[str]:
+        """Per-process measurements: truth about who holds VRAM. A consumer
+        measured holding memory is loaded, one measured holding none is not,
+        unless the broker changed its state after the reading was taken.
+        Returns warnings for consumers measured above their configured size."""
+        warnings = []
+        with self._lock:
+            for name, m in measured.items():
+                s = self._states[name]
+                s.measured = m
+                if m.mib is None:
+                    continue
+                if taken_at >= s.state_set_at:
+                    s.loaded = m.mib > 0
+                    s.state_set_at = taken_at
+                if m.mib > s.peak_measured_mib:
+                    if m.mib > s.config.vram_resident_mib >= s.peak_measured_mib:
+                        warnings.append(f"{name} was measured holding {m.mib} MiB, more than "
+                                        f"its vram_resident_mib of {s.config.vram_resident_mib}")
+                    s.peak_measured_mib = m.mib
+        return warnings
 
     def job_started(self, name: str) -> None:
         with self._lock:

@@ -38,14 +38,16 @@ class GpuReading:
     util_pct: int | None = None
     sampled_at: float = field(default_factory=time.time)     # wall clock, for people
     error: str | None = None
-    processes: tuple[tuple[int, int | None], ...] = ()        # (pid, used MiB)
+    # (pid, used MiB) of every process on the GPU; None: this reader cannot tell.
+    processes: tuple[tuple[int, int | None], ...] | None = None
 
     def to_json(self) -> dict:
         return {"source": self.source, "index": self.index, "name": self.name,
                 "total_mib": self.total_mib, "used_mib": self.used_mib,
                 "free_mib": self.free_mib, "util_pct": self.util_pct,
                 "sampled_at": iso_utc(self.sampled_at), "error": self.error,
-                "processes": [{"pid": p, "used_mib": m} for p, m in self.processes]}
+                "processes": (None if self.processes is None else
+                              [{"pid": p, "used_mib": m} for p, m in self.processes])}
 
 
 def iso_utc(t: float | None) -> str | None:
@@ -90,7 +92,7 @@ class NvmlReader(GpuReader):
                     (p.pid, None if p.usedGpuMemory is None else p.usedGpuMemory // MIB)
                     for p in nv.nvmlDeviceGetComputeRunningProcesses(self._handle))
             except nv.NVMLError:
-                procs = ()
+                procs = None
             return GpuReading(self.source, self.index, self.name, mem.total // MIB,
                               mem.used // MIB, mem.free // MIB, util, processes=procs)
         except nv.NVMLError as e:
@@ -236,9 +238,11 @@ class _BrokenReader(GpuReader):
 class GpuSampler:
     """A daemon thread that keeps a recent reading for status and metrics."""
 
-    def __init__(self, reader: GpuReader, interval_s: float):
+    def __init__(self, reader: GpuReader, interval_s: float,
+                 on_sample: Callable[[GpuReading, float], None] | None = None):
         self.reader = reader
         self.interval_s = interval_s
+        self._on_sample = on_sample
         self._latest: GpuReading | None = None      # replaced whole; reads need no lock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
@@ -251,8 +255,11 @@ class GpuSampler:
         self._stop.set()
 
     def sample(self) -> GpuReading:
+        taken_at = time.monotonic()
         reading = self.reader.read()
         self._latest = reading
+        if self._on_sample is not None:
+            self._on_sample(reading, taken_at)
         return reading
 
     def latest(self) -> GpuReading:

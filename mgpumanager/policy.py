@@ -30,11 +30,12 @@ class ConsumerView:
 @dataclass(frozen=True)
 class Plan:
     need_mib: int                # VRAM the target still needs free (0: already resident)
-    free_mib: int
+    free_mib: int                # what is free for it: the reading, plus its own share
     victims: tuple[str, ...]     # unload these, in this order
     fits: bool                   # after the victims go, the target fits by estimate
     never_fits: bool             # it cannot fit whatever is unloaded
     reason: str
+    contradicted: bool = False   # the reading shows the target cannot be resident as believed
 
 
 def lru_key(view: ConsumerView) -> tuple:
@@ -55,37 +56,69 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
               coexist: Callable[[str, str], bool]) -> Plan:
     """Decide which consumers to unload so that ``target`` fits.
 
-    A resident target needs nothing. Otherwise it needs its resident VRAM
-    plus the cushion free. The fewest possible victims are chosen among the
-    loaded (or possibly loaded) consumers that have an unload route, are not
-    vram_managed and may not coexist with the target; among equally few, the
-    least recently used. If even all of them would not make room, nothing is
-    unloaded: the caller waits for VRAM instead of evicting in vain.
+    Measurement first: ``free_mib`` and ``total_mib`` are the reading (for
+    the ledger, the ledger's own). Beliefs (who is loaded) say who may be
+    evicted and what each would free, and give way where the reading
+    contradicts them:
+
+    - The target's *share* is what the reading can attribute to it: what is
+      in use beyond everyone else believed resident, up to its own size. A
+      possibly-resident target is never counted against itself: its share
+      is free for it (if it is resident it needs nothing more; if not, what
+      the ledger gave it is free).
+    - A target believed resident needs nothing, unless the reading shows it
+      cannot be (its share falls short of its size, or the beliefs add up to
+      more than the GPU): then it is treated as not resident, and the plan
+      says so (``contradicted``).
+    - It needs its resident VRAM plus the cushion. It never fits if that is
+      more than the total less what vram_managed consumers hold, as far as
+      the reading confirms them.
+    - Otherwise the fewest victims among the loaded (or possibly loaded)
+      consumers that have an unload route, are not vram_managed and may not
+      coexist with the target; among equally few, the least recently used.
+      If even all of them would not make room, nothing is unloaded: the
+      caller waits for VRAM instead of evicting in vain.
     """
     me = views[target]
-    if me.loaded is True:
-        return Plan(0, free_mib, (), True, False, f"{target} is already resident")
     need = me.resident_mib + cushion_mib
-    managed = sum(v.resident_mib for v in views.values()
-                  if v.vram_managed and v.loaded and v.name != target)
+    used = total_mib - free_mib
+    others = [v for v in views.values() if v.name != target and v.loaded is not False]
+    others_mib = sum(v.resident_mib for v in others)
+    surely_mib = sum(v.resident_mib for v in others if v.loaded is True)
+    # Credit only what no possibly-loaded consumer could be holding: a live
+    # reading cannot tell whose memory is whose.
+    share = 0 if me.loaded is False else min(me.resident_mib, max(0, used - others_mib))
+    room = free_mib + share
+    contradicted = False
+    if me.loaded is True:
+        if used - surely_mib >= me.resident_mib and surely_mib + me.resident_mib <= total_mib:
+            return Plan(0, room, (), True, False, f"{target} is already resident")
+        contradicted = True       # the reading has no room for it: it is not what we believe
+    managed_believed = sum(v.resident_mib for v in others if v.vram_managed)
+    managed = min(managed_believed,
+                  max(0, used - share - (others_mib - managed_believed)))
+    if room >= need:
+        return Plan(need, room, (), True, False, f"{need} MiB needed, {room} MiB free",
+                    contradicted)
     if need > total_mib - managed:
-        return Plan(need, free_mib, (), False, True,
+        return Plan(need, room, (), False, True,
                     f"{target} needs {need} MiB ({me.resident_mib} resident + {cushion_mib} "
                     f"cushion) but the GPU has {total_mib} MiB"
-                    + (f", {managed} MiB of it held by vram_managed consumers" if managed else ""))
-    if free_mib >= need:
-        return Plan(need, free_mib, (), True, False, f"{need} MiB needed, {free_mib} MiB free")
+                    + (f", {managed} MiB of it held by vram_managed consumers" if managed else ""),
+                    contradicted)
 
     candidates = eviction_candidates(target, views, coexist)
-    victims = _fewest_victims(candidates, need - free_mib)
+    victims = _fewest_victims(candidates, need - room)
     if victims is None:
         evictable = sum(c.resident_mib for c in candidates)
-        return Plan(need, free_mib, (), False, False,
-                    f"{target} needs {need} MiB, {free_mib} MiB free, and unloading every "
-                    f"consumer that may be unloaded would free only {evictable} MiB more")
+        return Plan(need, room, (), False, False,
+                    f"{target} needs {need} MiB, {room} MiB free, and unloading every "
+                    f"consumer that may be unloaded would free only {evictable} MiB more",
+                    contradicted)
     names = tuple(v.name for v in victims)
-    return Plan(need, free_mib, names, True, False,
-                f"{target} needs {need} MiB, {free_mib} MiB free: unload {', '.join(names)}")
+    return Plan(need, room, names, True, False,
+                f"{target} needs {need} MiB, {room} MiB free: unload {', '.join(names)}",
+                contradicted)
 
 
 def _fewest_victims(candidates: list[ConsumerView], short_mib: int) -> list[ConsumerView] | None:

@@ -36,8 +36,13 @@ class RecordingActions:
         self.calls: list[tuple[str, str]] = []
         self.fail = set(fail)
 
+    reports_loaded = False        # True: the health answer says "loaded" after a load
+
     def probe_health(self, c):
-        return HealthResult(True)
+        loaded = None
+        if self.reports_loaded:
+            loaded = any(name == c.name for what, name in self.calls if what == "load")
+        return HealthResult(True, loaded=loaded)
 
     def call(self, c, call):
         what = "load" if call is c.load else "unload"
@@ -158,11 +163,19 @@ def test_an_unhealthy_consumer_is_refused_before_queueing():
 
 def test_explicit_unload_and_load_run_under_the_lock():
     b, actions = make_broker()
-    set_loaded(b, mvoice=True)
+    set_loaded(b, mvoice=True, comfyui=False)
     assert b.unload("mvoice") == {"consumer": "mvoice", "loaded": False}
-    assert b.load("mvoice")["loaded"] is True
+    # Its health says nothing of its state: the load stays unconfirmed.
+    assert b.load("mvoice")["loaded"] is None
     assert actions.calls == [("unload", "mvoice"), ("load", "mvoice")]
     assert b.lock.snapshot().holder is None
+
+
+def test_a_load_a_probe_confirms_is_believed():
+    b, actions = make_broker()
+    actions.reports_loaded = True
+    set_loaded(b, mvoice=False, comfyui=False)
+    assert b.load("mvoice")["loaded"] is True
 
 
 def test_jobs_for_different_consumers_run_one_at_a_time():

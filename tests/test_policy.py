@@ -81,3 +81,45 @@ def test_the_cushion_is_part_of_the_need():
     views = [view("tts", 3000, False), view("img", 13000, last_used=1)]
     assert plan("tts", views, 3100, cushion=0).victims == ()
     assert plan("tts", views, 3100, cushion=256).victims == ("img",)
+
+
+# The five ways beliefs went wrong (issue 10): measurement decides.
+TRUTH_CASES = [
+    pytest.param("img", [view("img", 13000, loaded=None), view("stt", 1800, loaded=None,
+                                                               unload=False)],
+                 16000, 16000 - 13000 - 1800, [("img", "stt")], (), True, False,
+                 id="possibly-resident-target-is-not-counted-against-itself"),
+    pytest.param("img", [view("img", 17000, loaded=False), view("llm", 6000, managed=True)],
+                 24576, 24000, (), (), True, False,
+                 id="managed-belief-gives-way-to-a-reading-with-room"),
+    pytest.param("img", [view("img", 13000, loaded=True, last_used=1),
+                         view("tts", 3200, last_used=2)],
+                 16000, 16000 - 3200, (), ("tts",), True, True,
+                 id="resident-belief-the-reading-contradicts-is-not-resident"),
+    pytest.param("img", [view("img", 13000, loaded=True, last_used=1),
+                         view("tts", 4000, last_used=2)],
+                 16000, 16000 - 17000, (), ("tts",), True, True,
+                 id="beliefs-above-the-total-are-resolved-by-eviction"),
+    pytest.param("img", [view("img", 13000, loaded=False), view("llm", 6000, loaded=None,
+                                                                managed=True)],
+                 16000, 16000 - 6000, (), (), False, False,
+                 id="unknown-managed-consumer-counts-against-what-could-ever-fit"),
+]
+
+
+@pytest.mark.parametrize("target,views,total,free,coexist,victims,fits,contradicted",
+                         TRUTH_CASES)
+def test_measurement_decides(target, views, total, free, coexist, victims, fits, contradicted):
+    p = plan(target, views, free, coexist, total=total)
+    assert (p.victims, p.fits, p.contradicted) == (victims, fits, contradicted)
+
+
+def test_an_unknown_managed_consumer_the_reading_confirms_means_never_fits():
+    p = plan("img", [view("img", 13000, loaded=False),
+                     view("llm", 6000, loaded=None, managed=True)], 16000 - 6000, total=16000)
+    assert p.never_fits and "vram_managed" in p.reason
+
+
+def test_a_believed_resident_target_the_reading_confirms_needs_nothing():
+    p = plan("img", [view("img", 13000, loaded=True), view("tts", 3000)], 0, total=16000)
+    assert p.need_mib == 0 and p.victims == () and not p.contradicted

@@ -127,6 +127,7 @@ class SimServer:
         self._seen_lock = threading.Lock()
         self.healthy = True          # tests flip this to make /health fail
         self.delay_s = 0.0           # tests add latency to every request
+        self.tail_delay_s = 0.0      # tests: hold an answer's last byte back this long
         server = self
         handler = type("Handler", (_Handler,), {"sim": server})
         self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -221,6 +222,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if not bodyless:
+                if self.sim.tail_delay_s and len(body) > 1:
+                    self.wfile.write(body[:-1])
+                    self.wfile.flush()
+                    time.sleep(self.sim.tail_delay_s)
+                    body = body[-1:]
                 self.wfile.write(body)
             return
         if "content-length" in names:
