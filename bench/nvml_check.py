@@ -2,7 +2,9 @@
 
 Compares mgpumanager's NVML reading with nvidia-smi's, then allocates about
 2 GiB with torch and checks that the reader's free memory drops by about
-that much. Prints a short report; exits 1 if a check fails.
+that much, and that per-process attribution (pids_from: {port: ...}) gives
+a process listening on a port the memory it allocated. Prints a short
+report; exits 1 if a check fails.
 
     python bench/nvml_check.py [--index 0] [--mib 2048]
 """
@@ -56,7 +58,39 @@ def main() -> int:
           f"(drop {drop} MiB) {'ok' if good else 'UNEXPECTED'}")
     procs = nvml.read().processes
     print(f"compute processes seen by NVML: {procs}")
+    ok &= check_attribution(nvml, a.index, a.mib)
     return 0 if ok else 1
+
+
+ALLOCATOR = """
+import socket, sys, time, torch
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+x = torch.empty({mib} * 1024 * 1024, dtype=torch.uint8, device="cuda:{index}")
+torch.cuda.synchronize()
+print(s.getsockname()[1], flush=True)
+time.sleep(30)
+"""
+
+
+def check_attribution(nvml, index: int, mib: int) -> bool:
+    """A process listening on a port allocates a known amount: attribution
+    by that port must give it that much (plus its CUDA context)."""
+    from mgpumanager.procs import Attribution, PidsFrom
+    proc = subprocess.Popen([sys.executable, "-c", ALLOCATOR.format(mib=mib, index=index)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        time.sleep(0.5)
+        reading = nvml.read()
+        measured = Attribution({"svc": PidsFrom(port=port)}).measure(reading.processes or ())
+        m = measured["svc"]
+        good = m.mib is not None and mib <= m.mib <= mib + 1024
+        print(f"attribution by port {port}: pids {m.pids}, {m.mib} MiB "
+              f"(allocated {mib} MiB + context) {'ok' if good else 'UNEXPECTED: ' + str(m.note)}")
+        return good
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == "__main__":
