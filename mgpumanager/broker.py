@@ -32,6 +32,7 @@ from .errors import (Abandoned, BadRequest, BrokerError, ConsumerUnhealthy, Insu
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
+from .oslock import OsLock, default_lock_file
 from .policy import ConsumerView, plan_room
 from .procs import Attribution
 from .proxy import UpstreamPool
@@ -143,6 +144,7 @@ class Broker:
                                   on_sample=self._attribute)
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
         self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
+        self.oslock = OsLock(config.scheduler.lock_file or default_lock_file())
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
         # Guarded by _stats_lock:
@@ -176,6 +178,7 @@ class Broker:
         self.sampler.stop()
         self.health.stop()
         self.reader.close()
+        self.oslock.close()
 
     # -- routing -------------------------------------------------------------
 
@@ -241,11 +244,20 @@ class Broker:
 
     def _acquire(self, consumer: str, kind: str | None, label: str,
                  cancelled: Callable[[], bool] | None) -> Lease:
+        """This process's turn (the FIFO), then the machine's (the OS lock)."""
+        deadline = self.clock() + self.config.scheduler.queue_timeout_s
         try:
             ticket = self.lock.acquire(label, self.config.scheduler.queue_timeout_s,
                                        cancelled=cancelled)
         except BrokerError as e:
             self._refused(e, consumer, kind)
+            raise
+        try:
+            self.oslock.acquire(max(0.0, deadline - self.clock()), cancelled)
+        except BaseException as e:
+            self.lock.release(ticket)
+            if isinstance(e, BrokerError):
+                self._refused(e, consumer, kind)
             raise
         return self._lease(ticket, label)
 
@@ -263,6 +275,7 @@ class Broker:
         with self._stats_lock:
             if self._current is lease:
                 self._current = None
+        self.oslock.release()
         self.lock.release(lease.ticket)
         # Let the woken head take the GIL now rather than after our
         # bookkeeping (measured: 0.25 ms of every hand-off).
@@ -410,7 +423,8 @@ class Broker:
             if plan.fits and attempts < sched.evict_attempts:
                 attempts += 1
                 victim = plan.victims[0]
-                if not self._unload(victim, f"to make room for {target}: {plan.reason}", job):
+                if not self._unload(victim, f"to make room for {target}: {plan.reason}", job,
+                                    job.lease):
                     failed.add(victim)
                 elif self.reader.live:
                     self._settle(reading.free_mib, views[victim].resident_mib, plan.need_mib,
@@ -426,7 +440,7 @@ class Broker:
             self.sleep(min(1.0, max(0.0, deadline - self.clock())))
         if c.load is not None and self.registry.loaded(target) is not True:
             job.lease.check()
-            self._load(target, deadline)
+            self._load(target, deadline, job.lease)
 
     def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
         """Poll the reading until the unload shows (drivers free memory late)."""
@@ -438,10 +452,10 @@ class Broker:
                 return
             self.sleep(0.05)
 
-    def _unload(self, victim: str, why: str, job: Job | None) -> bool:
+    def _unload(self, victim: str, why: str, job: Job | None, lease: Lease) -> bool:
         c = self.config.consumers[victim]
         t0 = self.clock()
-        error = self.actions.call(c, c.unload)
+        error = self._call(c, c.unload, lease)
         if error:
             self.registry.unload_failed(victim, error)
             self.events.add("unload_failed", f"unloading {victim} failed: {error}",
@@ -462,10 +476,10 @@ class Broker:
                                        "for": for_whom, "reason": why, "ms": round(ms, 1)}})
         return True
 
-    def _load(self, target: str, deadline: float) -> None:
+    def _load(self, target: str, deadline: float, lease: Lease) -> None:
         c = self.config.consumers[target]
         t0 = self.clock()
-        error = self.actions.call(c, c.load)
+        error = self._call(c, c.load, lease)
         if error:
             # Not fatal: a consumer that did not preload cold-starts on the job.
             self.events.add("load_failed", f"loading {target} failed: {error}", consumer=target)
@@ -521,6 +535,14 @@ class Broker:
         self.events.add("beliefs_contradicted", problem, believed_mib=believed,
                         used_mib=reading.used_mib, total_mib=reading.total_mib)
 
+    def _call(self, c, call, lease: Lease) -> str | None:
+        """An admin call under a lease ends by the lease's deadline: it must
+        not run on beside the next job once the watchdog has moved on."""
+        left = lease.deadline - time.monotonic()
+        if left <= 0 or lease.cut_reason is not None:
+            return f"{call.method} {call.path}: not sent, the GPU lease has ended"
+        return self.actions.call(c, call, timeout_s=left)
+
     def _holders(self, reading: GpuReading) -> str:
         views = self.registry.views()
         held = [f"{v.name} {v.resident_mib} MiB"
@@ -537,7 +559,7 @@ class Broker:
             raise BadRequest(f"{name} has no unload route", consumer=name)
         lease = self._acquire(name, None, f"{name}:unload", cancelled)
         try:
-            if not self._unload(name, "on request", None):
+            if not self._unload(name, "on request", None, lease):
                 raise UnloadFailed(f"unloading {name} failed: "
                                    f"{self.registry.snapshot()[name]['last_error']}",
                                    consumer=name)
@@ -564,9 +586,12 @@ class Broker:
                 ticket = self.lock.try_acquire(f"{name}:idle-unload")
                 if ticket is None:
                     continue              # the GPU is busy: not idle, try later
+                if not self.oslock.try_acquire():
+                    self.lock.release(ticket)     # busy in another process
+                    continue
                 lease = self._lease(ticket, ticket.label)
                 try:
-                    self._unload(name, f"after {c.idle_unload_s:g} s idle", None)
+                    self._unload(name, f"after {c.idle_unload_s:g} s idle", None, lease)
                 finally:
                     lease.release()
 
@@ -606,6 +631,10 @@ class Broker:
                 "client_errors": sum(self._client_errors.values()),
                 "client_errors_by_code": dict(self._client_errors),
                 "leases_expired": self._leases_expired,
+                "lock_file": {"path": self.oslock.path,
+                              "holder_pid": (self.oslock.holder_pid()
+                                             if snap.holder or self.oslock.held_elsewhere()
+                                             else None)},
                 "last_wait_ms": round(self._last_wait_ms, 1) if self._last_wait_ms is not None else None,
                 "last_run_ms": round(self._last_run_ms, 1) if self._last_run_ms is not None else None,
                 "evictions": sum(self._evictions.values()),

@@ -68,6 +68,7 @@ class SchedulerConfig:
     evict_settle_s: float = 10.0
     job_timeout_s: float = 1800.0
     busy_poll_s: float = 0.25
+    lock_file: str | None = None        # None: /run/mgpumanager/gpu.lock or the user's runtime dir
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def route_forms(raw_path: str) -> set[str]:
     proxy in front of it) may decode again: when in doubt, a request is a
     GPU job (locking too much is slow, locking too little is an OOM).
     """
-    once = unquote(raw_path)
+    # A fragment never reaches a service's router (aiohttp drops it).
+    once = unquote(raw_path.partition("#")[0])
     forms = {_normal_path(once)}
     if "%" in once:
         forms.add(_normal_path(unquote(once)))
@@ -475,7 +477,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
 
     q = r.section(top.get("scheduler"), "scheduler", (
         "max_queue", "queue_timeout_s", "evict_attempts", "evict_settle_s", "job_timeout_s",
-        "busy_poll_s"))
+        "busy_poll_s", "lock_file"))
     d = SchedulerConfig()
     scheduler = SchedulerConfig(
         max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1),
@@ -483,7 +485,8 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         evict_attempts=r.integer(q, "evict_attempts", "scheduler", d.evict_attempts, 0),
         evict_settle_s=r.seconds(q, "evict_settle_s", "scheduler", d.evict_settle_s, positive=False),
         job_timeout_s=r.seconds(q, "job_timeout_s", "scheduler", d.job_timeout_s),
-        busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s))
+        busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s),
+        lock_file=r.string(q, "lock_file", "scheduler", None))
     if server.threads is not None and \
             server.threads < scheduler.max_queue + 1 + MIN_SPARE_THREADS:
         r.problem("server.threads", f"at least scheduler.max_queue + {1 + MIN_SPARE_THREADS} = "

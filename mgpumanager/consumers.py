@@ -35,7 +35,8 @@ class HealthResult:
 
 class ConsumerActions(Protocol):
     def probe_health(self, c: ConsumerConfig) -> HealthResult: ...
-    def call(self, c: ConsumerConfig, call: Call) -> str | None: ...   # None: it worked
+    # None: it worked. ``timeout_s``: at most this long (the lease's time left).
+    def call(self, c: ConsumerConfig, call: Call, timeout_s: float | None = None) -> str | None: ...
     def is_busy(self, c: ConsumerConfig) -> bool: ...
 
 
@@ -82,9 +83,10 @@ class HttpActions:
         except BrokerError as e:
             return HealthResult(False, e.message)
 
-    def call(self, c: ConsumerConfig, call: Call) -> str | None:
+    def call(self, c: ConsumerConfig, call: Call, timeout_s: float | None = None) -> str | None:
+        timeout = call.timeout_s if timeout_s is None else min(call.timeout_s, timeout_s)
         try:
-            with self._send(call.method, c, call.path, call.timeout_s, call.json) as r:
+            with self._send(call.method, c, call.path, timeout, call.json) as r:
                 if 200 <= r.status_code < 300:
                     return None
                 return f"{call.method} {call.path} answered {r.status_code}: {r.text[:200]}"

@@ -38,6 +38,12 @@ CLIENT_STALLED = "client stalled"
 RELEASE_GRACE_S = 2.0
 
 
+def _hung_up(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
+
+
 def shut(sock) -> None:
     """Shut a socket down both ways: a read or write blocked on it returns."""
     try:
@@ -264,7 +270,9 @@ class LeaseWatch:
             for fd, _ in events:
                 if fd == self._wake_r:
                     os.read(self._wake_r, 4096)
-                elif fd in self._by_fd:
+                elif fd in self._by_fd and _hung_up(fd):
+                    # Checked again now: between the poll and here the fd
+                    # may have been closed and reused by another client.
                     entry = self._by_fd[fd]
                     self._drop_fd(entry)
                     gone.append(entry.lease)

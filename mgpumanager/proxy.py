@@ -103,7 +103,13 @@ def response_headers(raw_headers) -> list[tuple[str, str]]:
     let the next hop cut the body short).
     """
     dropped = connection_tokens(raw_headers.get("Connection"))
-    framed_by_chunks = "transfer-encoding" in raw_headers
+    coding = raw_headers.get("Transfer-Encoding")
+    framed_by_chunks = coding is not None
+    if coding is not None and coding.strip().lower() != "chunked":
+        # http.client decodes only plain chunked; anything else would reach
+        # the client as raw framing.
+        raise UpstreamBadResponse(f"the answer's Transfer-Encoding {coding[:40]!r} is not "
+                                  "plain chunked")
     out: list[tuple[str, str]] = []
     length: str | None = None
     for name, value in raw_headers.items():
@@ -326,11 +332,60 @@ def client_gone(environ: dict) -> Callable[[], bool] | None:
 _sending = threading.local()        # .exchange, .target: what this thread is sending
 
 
+class HeadersCutOff(http.client.HTTPException):
+    """The upstream closed the connection in the middle of its headers."""
+
+
+class _LineWatch:
+    """The response's reader while its head is parsed: notes an end of file
+    (http.client takes one for the end of the headers)."""
+
+    def __init__(self, fp):
+        self.fp = fp
+        self.hit_eof = False
+
+    def readline(self, limit=-1):
+        line = self.fp.readline(limit)
+        if not line:
+            self.hit_eof = True
+        return line
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, stricter where a proxy must be.
+
+    - Interim answers (102 Processing, 103 Early Hints) are skipped: the job
+      goes on until the final answer. http.client skips only 100.
+    - A head cut off by the end of the connection is an error, not an
+      empty answer that looks whole.
+    """
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if 101 < status < 200:
+                http.client._read_headers(self.fp)    # the interim answer's headers
+                continue
+            return version, status, reason
+
+    def begin(self):
+        real, watch = self.fp, _LineWatch(self.fp)
+        self.fp = watch
+        try:
+            super().begin()
+        finally:
+            self.fp = real
+        if watch.hit_eof:
+            raise HeadersCutOff("the connection closed in the middle of the answer's head")
+
+
 class _WatchedConnectionMixin:
     """Attaches its socket to the exchange the thread is sending, so that a
     cut (the client gone, the deadline) shuts it and whatever is blocked on
     it, from the connect on: a fresh connection at connect(), a reused one
     when the request starts."""
+
+    response_class = _FinalResponse
 
     def connect(self):
         super().connect()

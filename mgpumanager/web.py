@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -117,6 +117,21 @@ def raw_path(environ) -> str:
     return quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
 
 
+def upstream_path(sent: str, name: str) -> str:
+    """What follows ``/upstream/<name>`` in the path as sent, byte for byte,
+    also where the client escaped part of the prefix (``/upstream/%63omfyui/``)."""
+    prefix = f"/upstream/{name}"
+    if sent == prefix or sent.startswith(prefix + "/"):
+        return sent[len(prefix):] or "/"
+    for i, ch in enumerate(sent):
+        if ch == "/" and unquote(sent[:i]) == prefix:
+            return sent[i:]
+    if unquote(sent) == prefix:
+        return "/"
+    raise BadRequest("the path's /upstream/<name>/ prefix is escaped in a way that leaves "
+                     "no unambiguous rest to forward")
+
+
 def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Response:
     """Forward this request to consumer ``name``; as a GPU job if ``gpu``.
 
@@ -196,6 +211,9 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
 
     streamed = StreamedBody(upstream, exchange, on_close, bodyless=bodyless)
     try:
+        if status == 101:
+            raise UpstreamBadResponse(f"{name} switched protocols (101); the broker forwards "
+                                      "HTTP only")
         headers = response_headers(upstream.headers)
         response = PassthroughResponse(streamed, status_line(status, upstream.reason), headers)
         environ[STREAMED] = streamed
@@ -222,11 +240,7 @@ def facade(kind: str):
 def upstream(name: str, path: str):
     b = broker()
     b.check_consumer(name)
-    prefix, sent = f"/upstream/{name}", raw_path(request.environ)
-    if sent == prefix or sent.startswith(prefix + "/"):
-        upath = sent[len(prefix):] or "/"
-    else:                               # the client escaped part of the prefix itself
-        upath = "/" + quote(path)
+    upath = upstream_path(raw_path(request.environ), name)
     gpu = b.config.consumers[name].is_gpu_route(request.method, upath)
     return proxy(name, None, upath, gpu=gpu)
 

@@ -66,6 +66,13 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def own_gpu_lock_file(tmp_path, monkeypatch):
+    """Each test's brokers share a GPU lock file of their own, so that tests
+    running in parallel do not wait for each other's GPU jobs."""
+    monkeypatch.setenv("MGPUMANAGER_LOCK_FILE", str(tmp_path / "gpu.lock"))
+
+
 @pytest.fixture
 def sim():
     cluster = start_cluster(24576, time_scale=TIME_SCALE)

@@ -44,7 +44,7 @@ class RecordingActions:
             loaded = any(name == c.name for what, name in self.calls if what == "load")
         return HealthResult(True, loaded=loaded)
 
-    def call(self, c, call):
+    def call(self, c, call, timeout_s=None):
         what = "load" if call is c.load else "unload"
         self.calls.append((what, c.name))
         return f"{what} failed" if c.name in self.fail else None

@@ -67,6 +67,11 @@ def hold_gpu(broker):
     pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
                  id="two-lengths"),
     pytest.param(b"HTTP/1.1 2000 Nope\r\n\r\n", id="bad-status-line"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-Partial: 1\r\n", id="head-cut-off"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                 id="transfer-coding-besides-chunked"),
+    pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\n\r\n", id="protocol-switch"),
 ])
 def test_a_malformed_answer_is_a_502_and_the_gpu_is_free(broker_with, echo, raw):
     b = broker_with(FAST)
@@ -148,7 +153,7 @@ def test_a_client_that_stops_reading_is_cut_after_client_timeout_s(broker_with, 
 # 4. Paths a service decodes to its GPU route
 
 @pytest.mark.parametrize("path", ["/prompt", "/%70rompt", "/prompt/", "//prompt", "/api/prompt",
-                                  "/x/../prompt", "/%2e%2e/prompt", "/%2570rompt"])
+                                  "/x/../prompt", "/%2e%2e/prompt", "/%2570rompt", "/prompt#x"])
 def test_encoded_gpu_routes_wait_for_the_lock(broker_with, sim, path):
     # Sent as raw bytes: an HTTP client library would tidy the path first.
     b = broker_with({"consumers": {"comfyui": {"gpu_routes": ["POST /prompt", "POST /api/prompt"]}}})
@@ -168,6 +173,44 @@ def test_encoded_gpu_routes_wait_for_the_lock(broker_with, sim, path):
     posts = [x.path for x in sim.comfyui.seen if x.method == "POST"]
     # Forwarded as sent (http.server itself folds a leading "//" into "/").
     assert posts == [path if not path.startswith("//") else path[1:]]
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 102 Processing\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"])
+def test_an_interim_answer_does_not_end_the_job(broker_with, echo, interim):
+    b = broker_with(FAST)
+    echo.verbatim["slow"] = [interim, 0.8, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"]
+    out = {}
+
+    def first():
+        r = requests.post(b.url + "/upstream/echo/raw/slow", data=b"x", timeout=10)
+        out.update(status=r.status_code, body=r.content, at=time.monotonic())
+    t = threading.Thread(target=first)
+    t.start()
+    wait_until(lambda: echo.requests_to("/raw/slow"), what="the first job to reach the service")
+    requests.post(b.url + "/v1/echo", data=b"second", timeout=10)
+    second_done = time.monotonic()
+    t.join(10)
+    assert out["status"] == 200 and out["body"] == b"done"
+    assert second_done >= out["at"], "the second job ran while the first was still working"
+
+
+def test_the_upstream_path_is_forwarded_as_sent_when_the_prefix_is_escaped(broker, echo):
+    data = raw_exchange(broker.port, b"GET /upstream/%65cho/echo/a;b%5cc%2Fd?q=%2F HTTP/1.1\r\n"
+                        b"Host: x\r\nConnection: close\r\n\r\n")
+    seen = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert seen["path"] == "/echo/a;b%5cc%2Fd" and seen["query"] == "q=%2F"
+
+
+def test_an_admin_call_under_a_lease_ends_by_its_deadline(broker_with, echo):
+    b = broker_with({"scheduler": {"job_timeout_s": 1},
+                     "consumers": {"echo": {"unload": {"path": "/hold?max=20"}}}})
+    t0 = time.monotonic()
+    r = requests.post(b.url + "/v1/consumers/echo/unload", timeout=15)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "unload_failed"
+    assert time.monotonic() - t0 < 4
+    assert b.status()["scheduler"]["leases_expired"] == 0     # it ended by itself, in time
+    assert_next_job_runs_promptly(b)
 
 
 # 5. Never a clean end on a cut answer

@@ -186,7 +186,7 @@ def test_a_reason_phrase_gunicorn_would_refuse_is_dropped():
     ("/prompt", "/prompt"), ("/%70rompt", "/prompt"), ("//prompt", "/prompt"),
     ("/prompt/", "/prompt"), ("/x/../prompt", "/prompt"), ("/%2e%2e/prompt", "/prompt"),
     ("/./prompt", "/prompt"), ("/%2570rompt", "/prompt"), ("/api//prompt/", "/api/prompt"),
-    ("/../../prompt", "/prompt"), ("", "/"),
+    ("/../../prompt", "/prompt"), ("", "/"), ("/prompt#frag", "/prompt"),
 ])
 def test_route_forms_are_what_a_service_would_serve(raw, form):
     assert form in route_forms(raw)

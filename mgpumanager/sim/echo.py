@@ -28,7 +28,7 @@ class EchoServer(SimServer):
 
     def register(self):
         self.release = threading.Event()      # /hold waits for this
-        self.verbatim: dict[str, bytes] = {}  # /raw/<name> answers these bytes as they are
+        self.verbatim: dict[str, bytes | list] = {}  # /raw/<name> answers these as they are
         self.route("*", "/echo(/.*)?", self.echo)
         self.route("GET", "/health", lambda r: Reply.json({"ok": True}) if self.healthy
                    else Reply.json({"ok": False}, 503))

@@ -105,9 +105,10 @@ class Reply:
         return cls(status, json.dumps(obj).encode(), headers, "application/json")
 
     @classmethod
-    def verbatim(cls, data: bytes) -> "Reply":
+    def verbatim(cls, data) -> "Reply":
         """These bytes, status line and all, then the connection closes:
-        for answers no well-behaved server would send."""
+        for answers no well-behaved server would send. A list mixes bytes
+        and pauses (numbers of seconds)."""
         reply = cls()
         reply.raw = data
         return reply
@@ -207,8 +208,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: Reply):
         if reply.raw is not None:
-            self.wfile.write(reply.raw)
-            self.wfile.flush()
+            for piece in (reply.raw if isinstance(reply.raw, list) else [reply.raw]):
+                if isinstance(piece, (int, float)):
+                    time.sleep(piece)
+                else:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
             self.close_connection = True
             return
         self.send_response(reply.status)
