@@ -146,6 +146,7 @@ class Broker:
         self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
         self.oslock = OsLock(config.scheduler.lock_file or default_lock_file())
         self._stop = threading.Event()
+        self.shutting_down = False
         self._stats_lock = threading.Lock()
         # Guarded by _stats_lock:
         self._total_jobs = 0
@@ -172,6 +173,26 @@ class Broker:
             threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True).start()
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
                         f"GPU reading from {self.reader.source}")
+
+    def begin_shutdown(self, graceful_deadline: float) -> None:
+        """The worker is stopping (SIGTERM) and will be ended at
+        ``graceful_deadline`` (time.monotonic()). The running job and the
+        queue go on in order until shortly before it; then every job still
+        queued is answered 503 shutting_down, so no client is left without
+        an answer. Safe to call from a signal handler: it only starts a thread."""
+        threading.Thread(target=self._shut_down, args=(graceful_deadline,), daemon=True,
+                         name="shutdown").start()
+
+    def _shut_down(self, graceful_deadline: float) -> None:
+        left = graceful_deadline - time.monotonic()
+        # Time enough for the refused to get their answers out.
+        margin = min(5.0, max(0.5, left / 4))
+        self.events.add("shutting_down", f"stopping: queued jobs run for {left - margin:.0f} s "
+                        "more, then are refused")
+        log.info("stopping: serving the queue for %.0f s more", left - margin)
+        self.shutting_down = True
+        self._stop.wait(max(0.0, left - margin))
+        self.lock.close("the broker is stopping; this job could not run before it does")
 
     def stop(self) -> None:
         self._stop.set()

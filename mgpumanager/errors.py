@@ -63,6 +63,24 @@ class QueueTimeout(BrokerError):
     status, code = 503, "queue_timeout"
 
 
+class ShuttingDown(BrokerError):
+    """The broker is stopping and this queued job cannot run before it does."""
+    status, code = 503, "shutting_down"
+
+
+class ConsumerCoolingDown(BrokerError):
+    """Its loads kept failing: refused until the cooldown ends."""
+    status, code = 503, "consumer_cooling_down"
+
+
+class Forbidden(BrokerError):
+    status, code = 403, "forbidden"
+
+
+class Unauthorized(BrokerError):
+    status, code = 401, "unauthorized"
+
+
 class InsufficientVram(BrokerError):
     status, code = 503, "insufficient_vram"
 

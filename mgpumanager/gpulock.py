@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import Abandoned, QueueFull, QueueTimeout
+from .errors import Abandoned, QueueFull, QueueTimeout, ShuttingDown
 
 
 class Ticket:
@@ -62,6 +62,7 @@ class GpuLock:
         self._waiting: deque[Ticket] = deque()
         self._holder: Ticket | None = None
         self._recent_holds: deque[float] = deque(maxlen=20)
+        self._closed: str | None = None          # why no more jobs are granted
 
     def acquire(self, label: str, timeout: float, *,
                 cancelled: Callable[[], bool] | None = None, poll_s: float = 0.5) -> Ticket:
@@ -75,6 +76,7 @@ class GpuLock:
         with self._mutex:
             now = self._clock()
             ticket = Ticket(next(self._ids), label, now)
+            self._check_open()
             if self._holder is None and not self._waiting:
                 return self._grant(ticket, now)
             if len(self._waiting) >= self.max_queue:
@@ -87,6 +89,7 @@ class GpuLock:
             deadline = now + timeout
             try:
                 while not (self._holder is None and self._waiting[0] is ticket):
+                    self._check_open()
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         raise QueueTimeout(
@@ -110,10 +113,22 @@ class GpuLock:
                         self._wake_head()
                 raise
 
+    def close(self, why: str) -> None:
+        """Grant nothing more: every waiter, and every later caller, gets
+        ShuttingDown. The holder keeps the lock until it releases it."""
+        with self._mutex:
+            self._closed = why
+            for ticket in self._waiting:
+                ticket.turn.notify()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise ShuttingDown(self._closed, retry_after=5)
+
     def try_acquire(self, label: str) -> Ticket | None:
         """The lock if it is free and nobody waits, else None at once."""
         with self._mutex:
-            if self._holder is None and not self._waiting:
+            if self._holder is None and not self._waiting and self._closed is None:
                 return self._grant(Ticket(next(self._ids), label, self._clock()), self._clock())
             return None
 

@@ -24,7 +24,10 @@ wsgi_app = "mgpumanager.app:create_app()"
 # worker would hold a second lock and run GPU jobs beside the first, which
 # is exactly the over-commit the broker exists to prevent.
 workers = 1
-worker_class = "gthread"
+# gthread, with whole request heads before a thread is used, a graceful
+# close that does not block the event loop, and a stop that answers the
+# queue (see mgpumanager/worker.py).
+worker_class = "mgpumanager.worker.BrokerWorker"
 # Every queued job holds a thread while it waits, so the count follows the
 # queue: max_queue waiters + the running job + spare threads for /v1/status,
 # /metrics, /healthz and /audio (server.threads in the config overrides).

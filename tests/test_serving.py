@@ -42,7 +42,8 @@ def test_gunicorn_conf_derives_threads_from_the_queue(sim, tmp_path):
         [sys.executable, "-c", "from mgpumanager import gunicorn_conf as g; "
          "print(g.workers, g.worker_class, g.threads, g.bind)"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MGPUMANAGER_CONFIG": str(path)})
-    assert out.stdout.split() == ["1", "gthread", str(20 + 9), "['127.0.0.1:8770']"]
+    assert out.stdout.split() == ["1", "mgpumanager.worker.BrokerWorker", str(20 + 9),
+                                 "['127.0.0.1:8770']"]
 
 
 def test_serve_command_runs_gunicorn_on_the_given_config_and_address(sim, tmp_path):

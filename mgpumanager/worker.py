@@ -1,0 +1,207 @@
+"""The gunicorn worker class: gthread, with three changes a broker needs.
+
+gunicorn's documented extension point (``worker_class`` naming a subclass
+of its gthread worker) is used so that slow clients cannot starve the
+broker, and so that a stop loses nothing:
+
+1. **A connection reaches a thread only once its request head is complete.**
+   gthread hands a connection to a thread as soon as any byte arrives; the
+   thread then blocks in the header parser, and as many trickling clients as
+   there are threads stop every endpoint, /healthz included. Here the event
+   loop gathers the head without blocking (for a kept-alive connection too)
+   and closes a connection that has not sent a whole head within
+   ``proxy.client_timeout_s``.
+2. **The graceful close does not block the event loop.** gthread closes a
+   ``Connection: close`` socket with ``util.close_graceful`` on its main
+   thread, waiting up to 2 s for the client to close its side; one client
+   that lingers stalls every other connection. Here the socket is
+   half-closed and then drained by the event loop, with the same deadline.
+3. **SIGTERM tells the broker**, which keeps serving its queue in order
+   while the graceful timeout allows and answers what is still queued
+   shortly before it ends (503 ``shutting_down``).
+"""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+import time
+from collections import deque
+from functools import partial
+
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+HEAD_END = b"\r\n\r\n"
+LINGER_S = 2.0                  # as gunicorn's close_graceful
+LINGER_MAX_BYTES = 65536
+
+
+class BrokerConn(TConn):
+    """A connection whose graceful close is handed to the worker's event loop."""
+
+    def __init__(self, worker: "BrokerWorker", *args):
+        super().__init__(*args)
+        self.worker = worker
+        self.head = bytearray()
+        self.head_deadline = 0.0
+
+    def close(self, graceful: bool = False):
+        if graceful:
+            self.worker.linger(self.sock)
+        else:
+            super().close()
+
+
+class BrokerWorker(ThreadWorker):
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heading: deque[BrokerConn] = deque()      # gathering a head; by deadline
+        self.lingering: deque[tuple[float, socket.socket]] = deque()
+        self.head_timeout_s = 60.0
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        broker = self._broker()
+        if broker is not None:
+            self.head_timeout_s = broker.config.proxy.client_timeout_s
+
+    def _broker(self):
+        extensions = getattr(self.wsgi, "extensions", None) or {}
+        return extensions.get("mgpumanager")
+
+    # -- 1. whole heads only --------------------------------------------------
+
+    def accept(self, listener):
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = BrokerConn(self, self.cfg, client_sock, client_addr, listener.getsockname())
+        if self.cfg.is_ssl:
+            self.enqueue_req(conn)        # TLS: the thread does the handshake as before
+        else:
+            self._gather(conn)
+
+    def on_client_socket_readable(self, conn, client):
+        """A kept-alive connection has bytes: gather its next head first."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        if isinstance(conn, BrokerConn) and not self.cfg.is_ssl:
+            self._gather(conn)
+        else:
+            self.enqueue_req(conn)
+
+    def _gather(self, conn: BrokerConn) -> None:
+        conn.sock.setblocking(False)
+        conn.head = bytearray()
+        conn.head_deadline = time.monotonic() + self.head_timeout_s
+        self.heading.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
+
+    def _on_head_bytes(self, conn: BrokerConn, sock) -> None:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            conn.head += data
+            limit = self.cfg.limit_request_line + self.cfg.limit_request_field_size * (
+                self.cfg.limit_request_fields + 1)
+            if HEAD_END not in conn.head and len(conn.head) <= limit:
+                return
+        self._stop_gathering(conn)
+        if not data:
+            self.nr_conns -= 1
+            conn.close()
+            return
+        # The head (and whatever followed it) goes back in front of the
+        # socket for gunicorn's parser, which then never waits for it.
+        conn.init()
+        conn.parser.unreader.unread(bytes(conn.head))
+        conn.head = bytearray()
+        conn.data_ready = True
+        self.enqueue_req(conn)
+
+    def _stop_gathering(self, conn: BrokerConn) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            self.heading.remove(conn)
+        except ValueError:
+            pass
+
+    def murder_pending(self):
+        super().murder_pending()
+        now = time.monotonic()
+        while self.heading and self.heading[0].head_deadline <= now:
+            conn = self.heading[0]
+            self._stop_gathering(conn)
+            self.nr_conns -= 1
+            conn.close()
+        while self.lingering and self.lingering[0][0] <= now:
+            self._end_linger(self.lingering[0][1])
+
+    # -- 2. a graceful close that does not block ------------------------------
+
+    def linger(self, sock) -> None:
+        """Half-close, let the client's remaining bytes drain on the event
+        loop, close on its end of file or after LINGER_S (RFC 9112 9.6)."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._drain, [0]))
+        except (OSError, ValueError, KeyError):
+            _close(sock)
+            return
+        self.lingering.append((time.monotonic() + LINGER_S, sock))
+
+    def _drain(self, drained: list, sock) -> None:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        drained[0] += len(data)
+        if not data or drained[0] >= LINGER_MAX_BYTES:
+            self._end_linger(sock)
+
+    def _end_linger(self, sock) -> None:
+        try:
+            self.poller.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.lingering = deque(item for item in self.lingering if item[1] is not sock)
+        _close(sock)
+
+    # -- 3. a stop that answers everyone ---------------------------------------
+
+    def handle_exit(self, sig, frame):
+        if self.alive:
+            broker = self._broker()
+            if broker is not None:
+                broker.begin_shutdown(time.monotonic() + self.cfg.graceful_timeout)
+        super().handle_exit(sig, frame)
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            for _, sock in list(self.lingering):
+                _close(sock)
+
+
+def _close(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

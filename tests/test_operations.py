@@ -1,0 +1,172 @@
+"""Running it for years: slow and lingering clients, reloads, a second
+worker or broker, and a graceful stop, each through a real gunicorn."""
+
+import signal
+import socket
+import threading
+import time
+
+import requests
+
+from conftest import sim_config
+
+TTS = {"json": {"text": "hi"}}
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def status_time(b) -> float:
+    t0 = time.monotonic()
+    assert requests.get(b.url + "/v1/status", timeout=5).ok
+    return time.monotonic() - t0
+
+
+def test_slow_headers_cannot_starve_the_status_page(broker_with):
+    b = broker_with({"scheduler": {"max_queue": 2}, "server": {"threads": 7},
+                     "proxy": {"client_timeout_s": 30}})
+    socks = []
+    for _ in range(2 * 7):            # twice the threads, each trickling its head
+        s = socket.create_connection(("127.0.0.1", b.port))
+        s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\n")
+        socks.append(s)
+    time.sleep(0.3)
+    for s in socks:
+        s.sendall(b"X-Slow: 1\r\n")
+    times = [status_time(b) for _ in range(5)]
+    assert max(times) < 1.0, times
+    assert requests.get(b.url + "/healthz", timeout=5).ok
+    for s in socks:
+        s.close()
+
+
+def test_an_incomplete_head_is_closed_after_client_timeout_s(broker_with):
+    b = broker_with({"proxy": {"client_timeout_s": 1}})
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+    s.settimeout(5)
+    t0 = time.monotonic()
+    assert s.recv(100) == b""                 # closed, without a thread ever waiting
+    assert 0.9 < time.monotonic() - t0 < 4
+    s.close()
+
+
+def test_clients_that_linger_after_connection_close_do_not_stall_others(broker_with):
+    b = broker_with()
+    lingering = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", b.port))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        lingering.append(s)                    # read nothing, close nothing
+    time.sleep(0.2)
+    times = [status_time(b) for _ in range(10)]
+    assert max(times) < 1.0, times
+    for s in lingering:
+        s.close()
+
+
+def test_a_reload_by_hup_during_a_stream_loses_nothing_and_overlaps_nothing(broker_with,
+                                                                            sim, echo):
+    b = broker_with()
+    old_pid = b.worker_pid()
+    held = requests.post(b.url + "/upstream/echo/hold", stream=True, timeout=30)
+    lines = held.iter_lines()
+    assert next(lines) == b"first"
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.worker_pid() != old_pid, 20, "the new worker")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        requests.post(b.url + "/v1/tts", timeout=30, **TTS).status_code)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert sim.mvoice.requests_to("/api/tts") == [], "the new worker ran beside the old one's job"
+    st = b.status()
+    assert st["scheduler"]["lock_file"]["holder_pid"] == old_pid
+    echo.release.set()
+    assert list(lines) == [b"last"]
+    held.close()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200, 200]
+    assert sim.gpu.max_concurrent == 1 and sim.gpu.ooms == 0
+
+
+def mixed_storm(urls, n=12):
+    payload = {"tts": TTS, "image": {"json": {"prompt": {"1": {}}}},
+               "llm": {"json": {"prompt": "x", "options": {"num_predict": 2}}}}
+    kinds = ["tts", "image", "llm"] * (n // 3)
+    out = []
+
+    def send(i, kind):
+        url = urls[i % len(urls)]
+        out.append(requests.post(f"{url}/v1/{kind}", timeout=60, **payload[kind]).status_code)
+    threads = [threading.Thread(target=send, args=(i, k)) for i, k in enumerate(kinds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    return out
+
+
+def test_a_second_worker_by_ttin_never_runs_a_gpu_job_beside_the_first(broker_with, sim):
+    b = broker_with()
+    b.proc.send_signal(signal.SIGTTIN)
+    pids = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2:                       # both workers answer
+        pids.add(b.worker_pid())
+        assert time.monotonic() < deadline, pids
+    sim.gpu.reset_counters()
+    statuses = mixed_storm([b.url])
+    assert statuses == [200] * len(statuses)
+    wait_until(lambda: not sim.comfyui.busy, 20, "the renders")
+    assert sim.gpu.max_concurrent == 1 and sim.gpu.ooms == 0, sim.gpu.oom_log
+
+
+def test_two_brokers_on_one_box_share_one_gpu_lock(sim, start_broker, tmp_path):
+    cfg = sim_config(sim)
+    cfg["scheduler"]["lock_file"] = str(tmp_path / "shared.lock")
+    a = start_broker(cfg)
+    b = start_broker(cfg)
+    a.wait_healthy(*cfg["consumers"])
+    b.wait_healthy(*cfg["consumers"])
+    sim.gpu.reset_counters()
+    statuses = mixed_storm([a.url, b.url])
+    assert statuses == [200] * len(statuses)
+    wait_until(lambda: not sim.comfyui.busy, 20, "the renders")
+    assert sim.gpu.max_concurrent == 1 and sim.gpu.ooms == 0, sim.gpu.oom_log
+
+
+def test_sigterm_finishes_the_running_job_and_answers_the_queue(start_broker, sim, echo):
+    cfg = sim_config(sim, echo)
+    b = start_broker(cfg, extra_args=["--graceful-timeout", "8"])
+    b.wait_healthy(*cfg["consumers"])
+    held = requests.post(b.url + "/upstream/echo/hold", stream=True, timeout=30)
+    lines = held.iter_lines()
+    assert next(lines) == b"first"
+    queued = []
+    threads = [threading.Thread(target=lambda: queued.append(
+        requests.post(b.url + "/v1/echo", data=b"q", timeout=30))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: b.status()["scheduler"]["queue_depth"] == 3, what="three queued jobs")
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    for t in threads:                 # the queue is refused 2 s before the 8 s are up
+        t.join(15)
+    refused_after = time.monotonic() - t0
+    assert [r.status_code for r in queued] == [503] * 3
+    for r in queued:
+        assert r.json()["error"]["code"] == "shutting_down" and int(r.headers["Retry-After"]) > 0
+    assert 4 < refused_after < 7.5, refused_after
+    echo.release.set()                # the running job still ends normally
+    assert list(lines) == [b"last"]
+    held.close()
+    assert echo.requests_to("/echo") == []
+    b.proc.wait(15)
+    assert time.monotonic() - t0 < 12
