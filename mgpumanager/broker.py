@@ -18,6 +18,7 @@ import bisect
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -27,8 +28,8 @@ from typing import Callable
 from . import __version__
 from .config import Config
 from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor, HttpActions
-from .errors import (Abandoned, BadRequest, BrokerError, ConsumerUnhealthy, InsufficientVram,
-                     UnknownConsumer, UnknownKind, UnloadFailed)
+from .errors import (Abandoned, BadRequest, BrokerError, ConsumerCoolingDown, ConsumerUnhealthy,
+                     InsufficientVram, UnknownConsumer, UnknownKind, UnloadFailed)
 from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
@@ -217,6 +218,12 @@ class Broker:
                                   f"{', '.join(self.registry.names())})", consumer=name)
 
     def check_healthy(self, name: str, kind: str | None = None) -> None:
+        cooling = self.registry.cooling_down_for(name)
+        if cooling > 0:
+            raise ConsumerCoolingDown(
+                f"{name}'s loads kept failing; refused for {cooling:.0f} s more "
+                f"(last error: {self.registry.snapshot()[name]['last_error']})",
+                consumer=name, kind=kind, retry_after=math.ceil(cooling))
         healthy, probed_at, error = self.registry.health(name)
         if healthy is False:
             ago = time.time() - probed_at if probed_at else 0.0
@@ -501,6 +508,15 @@ class Broker:
         c = self.config.consumers[target]
         t0 = self.clock()
         error = self._call(c, c.load, lease)
+        sched = self.config.scheduler
+        cooldown = self.registry.load_result(target, error, after=sched.load_failures_to_cooldown,
+                                             base_s=sched.load_cooldown_s,
+                                             max_s=sched.load_cooldown_max_s)
+        if cooldown:
+            message = (f"{target} failed to load {sched.load_failures_to_cooldown} or more times "
+                       f"in a row: refusing its jobs for {cooldown:g} s")
+            log.warning("%s", message)
+            self.events.add("cooling_down", message, consumer=target, cooldown_s=cooldown)
         if error:
             # Not fatal: a consumer that did not preload cold-starts on the job.
             self.events.add("load_failed", f"loading {target} failed: {error}", consumer=target)
@@ -623,6 +639,28 @@ class Broker:
                         consumer=name, healthy=ok)
         (log.info if ok else log.warning)("%s health: %s", name, "ok" if ok else error)
 
+    def liveness(self) -> list[str]:
+        """Why the broker cannot schedule any more, if it cannot (empty: it can)."""
+        problems = []
+        now = time.monotonic()
+        for lease in self.watch.held():
+            if now > lease.deadline + self.watch.grace_s + 1:
+                problems.append(f"{lease.label} holds the GPU {now - lease.deadline:.0f} s past "
+                                "its deadline")
+        snap = self.lock.snapshot()
+        stuck_after = self.config.scheduler.queue_timeout_s + 10
+        if snap.oldest_queued_s is not None and snap.oldest_queued_s > stuck_after:
+            problems.append(f"the queue's head has waited {snap.oldest_queued_s:.0f} s, past "
+                            "its deadline")
+        if not self.watch.alive:
+            problems.append("the lease watchdog thread died")
+        if not self.sampler.alive:
+            problems.append("the GPU sampler thread died")
+        dead = self.health.dead()
+        if dead:
+            problems.append(f"the health probe thread of {', '.join(dead)} died")
+        return problems
+
     def stats(self) -> dict:
         """A consistent copy of the counters, for /v1/status and /metrics."""
         snap = self.lock.snapshot()
@@ -685,10 +723,13 @@ class Broker:
         for private in ("outcomes", "evictions_by_consumer", "loads_by_consumer",
                         "wait_seconds", "run_seconds"):
             stats.pop(private)
+        problems = self.liveness()
         return {
             "broker": {"version": __version__, "pid": os.getpid(),
                        "uptime_s": round(time.time() - self.started_at, 3),
-                       "started_at": iso_utc(self.started_at), "config": self.config.path},
+                       "started_at": iso_utc(self.started_at), "config": self.config.path,
+                       "live": not problems, "problems": problems,
+                       "shutting_down": self.shutting_down},
             "gpu": gpu,
             "consumers": consumers,
             "routes": dict(self.config.routes),

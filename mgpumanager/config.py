@@ -38,6 +38,9 @@ class ServerConfig:
     workers: int = 1
     threads: int | None = None          # None: derived from scheduler.max_queue
     log_format: str = "text"            # text | json
+    allowed_hosts: tuple[str, ...] = ()     # Host headers accepted besides the bound one, localhost
+    allowed_origins: tuple[str, ...] = ()   # browser origins that may change state
+    auth_token: str | None = None           # every route but /healthz needs it, when set
 
     def thread_count(self, max_queue: int) -> int:
         return self.threads if self.threads is not None else max_queue + 1 + SPARE_THREADS
@@ -69,6 +72,9 @@ class SchedulerConfig:
     job_timeout_s: float = 1800.0
     busy_poll_s: float = 0.25
     lock_file: str | None = None        # None: /run/mgpumanager/gpu.lock or the user's runtime dir
+    load_failures_to_cooldown: int = 3  # consecutive failed loads before a consumer cools down
+    load_cooldown_s: float = 30.0       # the first cooldown; it doubles on each further failure
+    load_cooldown_max_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,15 @@ class ConsumerConfig:
     idle_unload_s: float | None = None
     read_timeout_s: float | None = None
     pids_from: PidsFrom | None = None   # how to find its processes, for measured VRAM
+    upstream_allow: tuple[GpuRoute, ...] | None = None   # None: /upstream/<name>/ forwards all
+
+    def upstream_allows(self, method: str, raw_path: str) -> bool:
+        """Whether /upstream/<name>/ may forward this: every form of the path
+        the service may take it for must be allowed."""
+        if self.upstream_allow is None:
+            return True
+        return all(any(r.matches(method, form) for r in self.upstream_allow)
+                   for form in route_forms(raw_path))
 
     def is_gpu_route(self, method: str, raw_path: str) -> bool:
         """Whether a request to this path (as sent, escapes and all) is a GPU job."""
@@ -364,9 +379,45 @@ def _read_pids_from(r: _Reader, node: Any, path: str) -> PidsFrom | None:
     return None
 
 
-def _read_gpu_routes(r: _Reader, node: Any, path: str) -> tuple[GpuRoute, ...]:
+def _read_strings(r: _Reader, node: Any, path: str, expected: str) -> tuple[str, ...]:
+    """A list of names, compared without case (an origin without a final /)."""
     if node is None:
-        node = list(DEFAULT_GPU_ROUTES)
+        return ()
+    if not isinstance(node, list) or not all(isinstance(x, str) and x for x in node):
+        r.problem(path, expected, node)
+        return ()
+    return tuple(x.strip().lower().rstrip("/") for x in node)
+
+
+def _read_token(r: _Reader, s: dict) -> str | None:
+    if "auth_token" in s and "auth_token_file" in s:
+        r.problem("server.auth_token_file", "only one of auth_token and auth_token_file")
+        return None
+    if s.get("auth_token") is not None:
+        token = r.string(s, "auth_token", "server", None)
+    elif s.get("auth_token_file") is not None:
+        name = r.string(s, "auth_token_file", "server", None)
+        if name is None:
+            return None
+        try:
+            with open(name, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            r.problem("server.auth_token_file", f"a readable file holding the token ({e})")
+            return None
+    else:
+        return None
+    if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
+        r.problem("server.auth_token" if "auth_token" in s else "server.auth_token_file",
+                  "a token of at least 16 printable characters without spaces")
+        return None
+    return token
+
+
+def _read_gpu_routes(r: _Reader, node: Any, path: str,
+                     default: tuple[str, ...] | None = DEFAULT_GPU_ROUTES) -> tuple[GpuRoute, ...]:
+    if node is None:
+        node = list(default or ())
     if not isinstance(node, list):
         r.problem(path, 'a list like ["POST /prompt", "* /api/*"]', node)
         return ()
@@ -388,7 +439,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
     path = f"consumers.{name}"
     node = r.section(node, path, (
         "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load", "unload",
-        "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s", "pids_from"))
+        "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s", "pids_from",
+        "upstream_allow"))
     url = r.url(node, "url", path)
     health = r.upstream_path(node, "health", path, "/")
     paths = node.get("paths", {})
@@ -424,7 +476,9 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         busy=_read_busy(r, node.get("busy"), f"{path}.busy"),
         gpu_routes=_read_gpu_routes(r, node.get("gpu_routes"), f"{path}.gpu_routes"),
         vram_managed=r.boolean(node, "vram_managed", path, False),
-        pids_from=_read_pids_from(r, node.get("pids_from"), f"{path}.pids_from"))
+        pids_from=_read_pids_from(r, node.get("pids_from"), f"{path}.pids_from"),
+        upstream_allow=(None if node.get("upstream_allow") is None else _read_gpu_routes(
+            r, node.get("upstream_allow"), f"{path}.upstream_allow", None)))
     if url is None or resident is None:
         return None
     return ConsumerConfig(
@@ -441,7 +495,9 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(path, r.problems)
 
-    s = r.section(top.get("server"), "server", ("bind", "workers", "threads", "log_format"))
+    s = r.section(top.get("server"), "server", ("bind", "workers", "threads", "log_format",
+                                                "allowed_hosts", "allowed_origins", "auth_token",
+                                                "auth_token_file"))
     d = ServerConfig()
     workers = r.integer(s, "workers", "server", d.workers, 1)
     if workers != 1:
@@ -451,7 +507,12 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         bind=r.string(s, "bind", "server", d.bind),
         workers=1,
         threads=r.integer(s, "threads", "server", None, 1),
-        log_format=r.string(s, "log_format", "server", d.log_format, ("text", "json")))
+        log_format=r.string(s, "log_format", "server", d.log_format, ("text", "json")),
+        allowed_hosts=_read_strings(r, s.get("allowed_hosts"), "server.allowed_hosts",
+                                    "a list of host names or addresses ('*': any)"),
+        allowed_origins=_read_strings(r, s.get("allowed_origins"), "server.allowed_origins",
+                                      "a list of origins like 'http://dash.local:3000'"),
+        auth_token=_read_token(r, s))
 
     g = r.section(top.get("gpu"), "gpu", ("backend", "index", "total_mib", "cushion_mib",
                                           "sample_interval_s", "sim_url", "nvidia_smi"))
@@ -477,7 +538,8 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
 
     q = r.section(top.get("scheduler"), "scheduler", (
         "max_queue", "queue_timeout_s", "evict_attempts", "evict_settle_s", "job_timeout_s",
-        "busy_poll_s", "lock_file"))
+        "busy_poll_s", "lock_file", "load_failures_to_cooldown", "load_cooldown_s",
+        "load_cooldown_max_s"))
     d = SchedulerConfig()
     scheduler = SchedulerConfig(
         max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1),
@@ -486,7 +548,12 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         evict_settle_s=r.seconds(q, "evict_settle_s", "scheduler", d.evict_settle_s, positive=False),
         job_timeout_s=r.seconds(q, "job_timeout_s", "scheduler", d.job_timeout_s),
         busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s),
-        lock_file=r.string(q, "lock_file", "scheduler", None))
+        lock_file=r.string(q, "lock_file", "scheduler", None),
+        load_failures_to_cooldown=r.integer(q, "load_failures_to_cooldown", "scheduler",
+                                            d.load_failures_to_cooldown, 1),
+        load_cooldown_s=r.seconds(q, "load_cooldown_s", "scheduler", d.load_cooldown_s),
+        load_cooldown_max_s=r.seconds(q, "load_cooldown_max_s", "scheduler",
+                                      d.load_cooldown_max_s))
     if server.threads is not None and \
             server.threads < scheduler.max_queue + 1 + MIN_SPARE_THREADS:
         r.problem("server.threads", f"at least scheduler.max_queue + {1 + MIN_SPARE_THREADS} = "

@@ -130,6 +130,9 @@ class ConsumerState:
         self.evictions = 0
         self.loads = 0
         self.unload_failures = 0
+        self.load_failures = 0                    # in a row
+        self.cooldown_s = 0.0
+        self.cooling_until: float | None = None   # monotonic
         self.measured: Measured | None = None     # from per-process attribution
         self.peak_measured_mib = 0
 
@@ -150,6 +153,9 @@ class ConsumerState:
                 "failed_requests": self.failed_requests, "last_used": iso_utc(self.last_used_wall),
                 "evictions": self.evictions, "loads": self.loads,
                 "unload_failures": self.unload_failures,
+                "load_failures": self.load_failures,
+                "cooling_down_s": (round(max(0.0, self.cooling_until - time.monotonic()), 1)
+                                   if self.cooling_until is not None else None),
                 "measured_mib": self.measured.mib if self.measured else None,
                 "peak_measured_mib": self.peak_measured_mib or None,
                 "attribution": (None if c.pids_from is None else {
@@ -284,6 +290,32 @@ class ConsumerRegistry:
                 s.loads += 1
                 s.last_used = s.last_used or self.clock()
 
+    def load_result(self, name: str, error: str | None, *, after: int, base_s: float,
+                    max_s: float) -> float | None:
+        """Count a load. ``after`` failures in a row start a cooldown of
+        ``base_s``, doubling with each further failure up to ``max_s``; one
+        success ends it. Returns the cooldown started, if one was."""
+        with self._lock:
+            s = self._states[name]
+            if error is None:
+                s.load_failures = 0
+                s.cooldown_s = 0.0
+                s.cooling_until = None
+                return None
+            s.load_failures += 1
+            s.last_error = error
+            if s.load_failures < after:
+                return None
+            s.cooldown_s = min(max_s, s.cooldown_s * 2 if s.cooldown_s else base_s)
+            s.cooling_until = self.clock() + s.cooldown_s
+            return s.cooldown_s
+
+    def cooling_down_for(self, name: str) -> float:
+        """Seconds left of its cooldown (0: none)."""
+        with self._lock:
+            until = self._states[name].cooling_until
+            return max(0.0, until - self.clock()) if until is not None else 0.0
+
     def unload_failed(self, name: str, error: str) -> None:
         with self._lock:
             s = self._states[name]
@@ -314,6 +346,11 @@ class HealthMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def dead(self) -> list[str]:
+        """Consumers whose probe thread was started and has died."""
+        return [t.name.removeprefix("health-") for t in self._threads
+                if t.ident is not None and not t.is_alive() and not self._stop.is_set()]
 
     def probe(self, name: str) -> HealthResult:
         sent_at = self.registry.clock()

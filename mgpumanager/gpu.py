@@ -254,6 +254,11 @@ class GpuSampler:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def alive(self) -> bool:
+        """False only if the thread was started and has died."""
+        return self._thread.ident is None or self._thread.is_alive() or self._stop.is_set()
+
     def sample(self) -> GpuReading:
         taken_at = time.monotonic()
         reading = self.reader.read()

@@ -9,21 +9,23 @@ or went away.
 from __future__ import annotations
 
 import calendar
+import hmac
 import json
 import logging
 import sys
 import time
 from urllib.parse import quote, unquote
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from flask import (Blueprint, Response, current_app, jsonify, redirect, render_template, request,
+                   url_for)
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from .broker import Broker, Job
-from .errors import (BadRequest, BrokerError, MethodNotAllowed, NotFound, RequestTimeout,
-                     UpstreamBadResponse)
+from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
+                     RequestTimeout, Unauthorized, UpstreamBadResponse)
 from .lease import Exchange
 from .metrics import render as render_metrics
 from .proxy import (SpooledBody, StreamedBody, client_gone, drain_body, request_body,
@@ -81,6 +83,67 @@ class PassthroughResponse(Response):
             return [data]
         self.body.handed_over = True
         return self.body
+
+
+TOKEN_COOKIE = "mgpumanager_token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def token_matches(given: str | None) -> bool:
+    expected = broker().config.server.auth_token
+    return expected is None or (given is not None and
+                                hmac.compare_digest(given.encode(), expected.encode()))
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8770" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+@bp.before_app_request
+def guard() -> Response | None:
+    """Who may talk to the broker, checked before anything else runs.
+
+    - Host: the bound address, localhost, or one in server.allowed_hosts
+      (a browser tricked by DNS rebinding sends its attacker's name).
+    - Origin: a state-changing request from a browser page must come from
+      the broker's own origin or one in server.allowed_origins (a form on
+      any web site can POST here without a preflight).
+    - Token: with server.auth_token set, every route but /healthz wants it,
+      as a bearer token or the status page's cookie.
+    """
+    if request.path == "/healthz":
+        return None
+    server = broker().config.server
+    environ = request.environ
+    host = environ.get("HTTP_HOST")
+    if host is not None and "*" not in server.allowed_hosts:
+        name = host_name(host)
+        bound = host_name(environ.get("SERVER_NAME", "") + ":0")
+        if name not in LOCAL_NAMES and name != bound and name not in server.allowed_hosts:
+            raise BadRequest(f"Host {host[:60]!r} is not one this broker answers to; list it "
+                             "in server.allowed_hosts")
+    if request.method not in SAFE_METHODS:
+        origin = environ.get("HTTP_ORIGIN")
+        own = f"{request.scheme}://{host}".lower() if host else None
+        if origin is not None and origin.lower().rstrip("/") not in (own, *server.allowed_origins):
+            raise Forbidden(f"a cross-site request from {origin[:60]!r} may not change state; "
+                            "list the origin in server.allowed_origins")
+        if origin is None and environ.get("HTTP_SEC_FETCH_SITE") == "cross-site":
+            raise Forbidden("a cross-site browser request may not change state")
+    if server.auth_token is not None and request.endpoint not in ("mgpumanager.login", "static"):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        given = header[7:] if header[:7].lower() == "bearer " else request.cookies.get(TOKEN_COOKIE)
+        if not token_matches(given):
+            if request.path == "/" and request.method == "GET":
+                return Response(render_template("login.html", failed=False), 401,
+                                mimetype="text/html")
+            raise Unauthorized("this broker wants a token: Authorization: Bearer <token>")
+    return None
 
 
 @bp.before_app_request
@@ -241,8 +304,11 @@ def upstream(name: str, path: str):
     b = broker()
     b.check_consumer(name)
     upath = upstream_path(raw_path(request.environ), name)
-    gpu = b.config.consumers[name].is_gpu_route(request.method, upath)
-    return proxy(name, None, upath, gpu=gpu)
+    consumer = b.config.consumers[name]
+    if not consumer.upstream_allows(request.method, upath):
+        raise Forbidden(f"{name}'s upstream_allow does not let {request.method} {upath} "
+                        "through /upstream/", consumer=name)
+    return proxy(name, None, upath, gpu=consumer.is_gpu_route(request.method, upath))
 
 
 @bp.route("/audio/<path:path>", methods=["GET", "HEAD"])
@@ -284,7 +350,26 @@ def events():
 
 @bp.get("/healthz")
 def healthz():
+    """200 while the broker can still schedule; 503 with the reasons when it cannot."""
+    problems = broker().liveness()
+    if problems:
+        resp = jsonify({"ok": False, "problems": problems})
+        resp.status_code = 503
+        return resp
     return jsonify({"ok": True})
+
+
+@bp.post("/login")
+def login():
+    """The status page's way in when server.auth_token is set: the token,
+    checked, goes into a cookie the page's own requests then carry."""
+    token = request.form.get("token", "")
+    if not token_matches(token):
+        return render_template("login.html", failed=True), 401
+    resp = redirect(url_for("mgpumanager.index"))
+    resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
+                    secure=request.scheme == "https", max_age=30 * 24 * 3600)
+    return resp
 
 
 @bp.get("/metrics")

@@ -88,7 +88,7 @@ def test_a_malformed_answer_is_a_502_and_the_gpu_is_free(broker_with, echo, raw)
 def test_a_stalled_upload_never_holds_the_gpu_and_gets_a_408(broker_with, echo):
     b = broker_with(FAST)
     s = socket.create_connection(("127.0.0.1", b.port))
-    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
     time.sleep(0.2)
     assert gpu_is_free(b)                        # it is still sending: not queued
     assert_next_job_runs_promptly(b)
@@ -105,7 +105,7 @@ def test_a_stalled_upload_never_holds_the_gpu_and_gets_a_408(broker_with, echo):
 def test_a_client_that_leaves_during_its_upload_never_queues(broker_with, echo):
     b = broker_with(FAST)
     s = socket.create_connection(("127.0.0.1", b.port))
-    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
     s.close()
     time.sleep(0.3)
     assert echo.requests_to("/echo") == []
@@ -126,7 +126,7 @@ def test_a_body_over_max_body_mib_is_refused_with_413(broker_with, echo):
 def test_a_client_that_leaves_before_the_answer_frees_the_gpu_at_once(broker_with, echo):
     b = broker_with(FAST)
     s = socket.create_connection(("127.0.0.1", b.port))
-    s.sendall(b"POST /upstream/echo/slow?s=8 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    s.sendall(b"POST /upstream/echo/slow?s=8 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
     wait_until(lambda: echo.requests_to("/slow"), what="the job to reach the service")
     assert not gpu_is_free(b)
     t0 = time.monotonic()
@@ -140,7 +140,7 @@ def test_a_client_that_stops_reading_is_cut_after_client_timeout_s(broker_with, 
     b = broker_with({"scheduler": {"job_timeout_s": 30}, "proxy": {"client_timeout_s": 1}})
     s = socket.create_connection(("127.0.0.1", b.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.sendall(b"POST /upstream/echo/bytes/268435456 HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(b"POST /upstream/echo/bytes/268435456 HTTP/1.1\r\nHost: localhost\r\n"
               b"Content-Length: 0\r\n\r\n")
     wait_until(lambda: not gpu_is_free(b), what="the job to start")
     t0 = time.monotonic()
@@ -160,7 +160,7 @@ def test_encoded_gpu_routes_wait_for_the_lock(broker_with, sim, path):
     held = hold_gpu(b)
     body = b'{"prompt": {}}'
     out = {}
-    request = (b"POST /upstream/comfyui" + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    request = (b"POST /upstream/comfyui" + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
                b"Content-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     t = threading.Thread(target=lambda: out.update(data=raw_exchange(b.port, request)), daemon=True)
@@ -197,7 +197,7 @@ def test_an_interim_answer_does_not_end_the_job(broker_with, echo, interim):
 
 def test_the_upstream_path_is_forwarded_as_sent_when_the_prefix_is_escaped(broker, echo):
     data = raw_exchange(broker.port, b"GET /upstream/%65cho/echo/a;b%5cc%2Fd?q=%2F HTTP/1.1\r\n"
-                        b"Host: x\r\nConnection: close\r\n\r\n")
+                        b"Host: localhost\r\nConnection: close\r\n\r\n")
     seen = json.loads(data.partition(b"\r\n\r\n")[2])
     assert seen["path"] == "/echo/a;b%5cc%2Fd" and seen["query"] == "q=%2F"
 
@@ -217,7 +217,7 @@ def test_an_admin_call_under_a_lease_ends_by_its_deadline(broker_with, echo):
 
 def test_a_half_closed_llm_stream_is_cut_not_ended_cleanly(broker, sim):
     body = json.dumps({"model": "m", "prompt": "hi", "options": {"num_predict": 40}}).encode()
-    data = raw_exchange(broker.port, b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    data = raw_exchange(broker.port, b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
                         half_close=True)
     assert not data.endswith(b"0\r\n\r\n"), data[-200:]
@@ -235,7 +235,7 @@ def test_content_length_beside_chunked_is_dropped_and_the_body_arrives_whole(bro
 def test_an_upstream_that_breaks_off_mid_body_truncates_the_answer(broker, echo):
     echo.verbatim["short"] = (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
                               b"Content-Type: text/plain\r\n\r\nonly forty-two bytes of a hundred.........")
-    data = raw_exchange(broker.port, b"POST /upstream/echo/raw/short HTTP/1.1\r\nHost: x\r\n"
+    data = raw_exchange(broker.port, b"POST /upstream/echo/raw/short HTTP/1.1\r\nHost: localhost\r\n"
                         b"Content-Length: 0\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and len(body) < 100
@@ -255,7 +255,7 @@ def test_an_upstream_that_breaks_off_mid_body_truncates_the_answer(broker, echo)
 @pytest.mark.parametrize("path", ["/v1/echo", "/upstream/echo/echo?gpu=0"])
 def test_a_malformed_chunked_body_is_the_clients_400(broker, echo, body, path):
     method = b"POST" if path.startswith("/v1") else b"DELETE"      # DELETE streams: no GPU job
-    data = raw_exchange(broker.port, method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    data = raw_exchange(broker.port, method + b" " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n" + body, half_close=True)
     if data:                                   # a client that lies may also get just a cut
         assert data.startswith(b"HTTP/1.1 400"), data[:200]

@@ -32,7 +32,7 @@ def test_slow_headers_cannot_starve_the_status_page(broker_with):
     socks = []
     for _ in range(2 * 7):            # twice the threads, each trickling its head
         s = socket.create_connection(("127.0.0.1", b.port))
-        s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n")
         socks.append(s)
     time.sleep(0.3)
     for s in socks:
@@ -47,7 +47,7 @@ def test_slow_headers_cannot_starve_the_status_page(broker_with):
 def test_an_incomplete_head_is_closed_after_client_timeout_s(broker_with):
     b = broker_with({"proxy": {"client_timeout_s": 1}})
     s = socket.create_connection(("127.0.0.1", b.port))
-    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n")
     s.settimeout(5)
     t0 = time.monotonic()
     assert s.recv(100) == b""                 # closed, without a thread ever waiting
@@ -60,7 +60,7 @@ def test_clients_that_linger_after_connection_close_do_not_stall_others(broker_w
     lingering = []
     for _ in range(20):
         s = socket.create_connection(("127.0.0.1", b.port))
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         lingering.append(s)                    # read nothing, close nothing
     time.sleep(0.2)
     times = [status_time(b) for _ in range(10)]

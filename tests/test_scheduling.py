@@ -131,7 +131,7 @@ def test_a_client_leaving_mid_stream_frees_the_gpu_at_once(broker, echo):
 def test_a_client_leaving_while_queued_is_never_sent_upstream(broker, echo):
     held = hold_gpu(broker)
     s = socket.create_connection(("127.0.0.1", broker.port))
-    s.sendall(b"POST /v1/echo?queued=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    s.sendall(b"POST /v1/echo?queued=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc")
     wait_until(lambda: queued_depth(broker) == 1, what="the job to queue")
     s.close()
     wait_until(lambda: queued_depth(broker) == 0, 3, "the abandoned job to leave the queue")

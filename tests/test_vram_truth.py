@@ -209,7 +209,7 @@ def hang_up_mid_answer(port: int, kind: str) -> bytes:
     """A client that reads the head and a first byte of its answer, then leaves."""
     body = BODIES[kind]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST /v1/%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/%s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (kind.encode(), len(body), body))
         data = b""
         while b"\r\n\r\n" not in data or data.endswith(b"\r\n\r\n"):
