@@ -27,6 +27,9 @@ def cmd_serve(args) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    # One malloc arena keeps the worker's memory flat under large transfers;
+    # glibc reads this only at start, so it must be in the environment.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:mgpumanager.gunicorn_conf"]
     if args.bind:
         argv += ["--bind", args.bind]

@@ -74,6 +74,7 @@ def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
               f"{sorted(ports.values())}: {e}", file=sys.stderr)
         return 1
     env = dict(os.environ, **{CONFIG_ENV: DEMO_CONFIG})
+    env.setdefault("MALLOC_ARENA_MAX", "1")
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
                              "python:mgpumanager.gunicorn_conf", "--bind", bind], env=env)
     base = f"http://{bind}"

@@ -72,26 +72,6 @@ control_socket_disable = True
 preload_app = False
 
 
-def post_fork(server, worker):
-    """Keep the worker's memory flat under large transfers (glibc only).
-
-    Bodies pass through in 1 MiB buffers on many threads. glibc raises its
-    mmap threshold after the first such buffer is freed; from then on they
-    come from per-thread arenas, each keeping what it once held: peak RSS
-    grew from 40 to 109 MiB over a few GiB of transfers (make bench). One
-    arena lets the threads reuse each other's freed buffers: 80 MiB, flat
-    after a 1 GiB transfer, at the same throughput. (A fixed mmap threshold also kept memory flat, but
-    halved throughput: every buffer became a fresh mapping to fault in.)
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_ARENA_MAX = -8
-        libc.mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass                      # not glibc: nothing to tune
-
-
 def on_starting(server):
     if server.cfg.workers != 1:
         sys.exit(f"mgpumanager: refusing to start with {server.cfg.workers} workers: the GPU "

@@ -138,7 +138,8 @@ class BrokerProcess:
         self.config_path = tmp_path / f"broker-{n}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp_path / f"broker-{n}.log"
-        env = dict(os.environ, MGPUMANAGER_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MGPUMANAGER_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1",
+                   MALLOC_ARENA_MAX="1")
         env.pop("GUNICORN_CMD_ARGS", None)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
