@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-quick check-config clean
+.PHONY: install demo run test bench bench-quick soak check-config clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python bench/bench.py --quick
+
+# make soak MINUTES=30 for a longer one
+MINUTES ?= 3
+soak: install
+	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache test-output

@@ -9,7 +9,10 @@ fixes a config in one pass instead of one restart per typo.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -225,17 +228,48 @@ class Config:
 _MISSING = object()
 
 
+# Sane bounds: a week for any duration, thousands for a queue, a TiB of VRAM.
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_QUEUE = 4096
+MAX_MIB = 1024 * 1024
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def short(value: Any) -> str:
+    """A value as a message shows it: its repr, in 80 characters at most."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def listing(names: list[str]) -> str:
+    text = ", ".join(names) or "none"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def key_path(path: str, key: Any) -> str:
+    name = key if isinstance(key, str) else repr(key)
+    name = name if len(name) <= 40 else name[:37] + "..."
+    return f"{path}.{name}" if path else name
+
+
 class _Reader:
-    """Walks the YAML tree, collecting problems instead of stopping at the first."""
+    """Walks the YAML tree, collecting problems instead of stopping at the
+    first. Each value is checked for its type and bounds; where a key is
+    given as null, an optional setting takes its default and a required
+    one is a problem."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
 
     def problem(self, path: str, expected: str, got: Any = _MISSING) -> None:
+        path = path or "(top level)"
         if got is _MISSING:
             self.problems.append(f"{path}: {expected}")
         else:
-            self.problems.append(f"{path}: expected {expected}, got {got!r}")
+            self.problems.append(f"{path}: expected {expected}, got {short(got)}")
 
     def section(self, node: Any, path: str, allowed: tuple[str, ...]) -> dict:
         if node is None:
@@ -245,37 +279,40 @@ class _Reader:
             return {}
         for key in node:
             if key not in allowed:
-                self.problem(f"{path}.{key}" if path else str(key),
+                self.problem(key_path(path, key),
                              f"unknown key (allowed here: {', '.join(allowed)})")
         return node
 
-    def integer(self, node: dict, key: str, path: str, default: Any, minimum: int | None = 0,
-                what: str = "a whole number") -> Any:
-        value = node.get(key, default)
-        if value is default:
+    def integer(self, node: dict, key: str, path: str, default: Any, minimum: int = 0,
+                what: str = "a whole number", maximum: int = MAX_MIB) -> Any:
+        value = node.get(key)
+        if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(f"{path}.{key}", f"{what} >= {minimum}" if minimum is not None else what, value)
-            return default
-        if minimum is not None and value < minimum:
-            self.problem(f"{path}.{key}", f"{what} >= {minimum}", value)
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or not minimum <= value <= maximum:
+            self.problem(f"{path}.{key}", f"{what} from {minimum} to {maximum}", value)
             return default
         return value
 
     def seconds(self, node: dict, key: str, path: str, default: Any, positive: bool = True) -> Any:
-        value = node.get(key, default)
-        if value is default:
+        value = node.get(key)
+        if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-                or (positive and value == 0):
-            self.problem(f"{path}.{key}", "a number of seconds " + ("> 0" if positive else ">= 0"), value)
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+              and math.isfinite(value) and (0 < value if positive else 0 <= value)
+              and value <= MAX_SECONDS)
+        if not ok:
+            self.problem(f"{path}.{key}", "a number of seconds " + ("> 0" if positive else ">= 0")
+                         + f" and at most {MAX_SECONDS:g} (a week)", value)
             return default
         return float(value)
 
     def string(self, node: dict, key: str, path: str, default: Any,
-               choices: tuple[str, ...] | None = None) -> Any:
-        value = node.get(key, default)
-        if value is default:
+               choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
+        value = node.get(key)
+        if value is None:
+            if required:
+                self.problem(f"{path}.{key}", "a value (required; it is missing or null)")
             return default
         if not isinstance(value, str) or not value:
             self.problem(f"{path}.{key}", "a non-empty string", value)
@@ -285,39 +322,62 @@ class _Reader:
             return default
         return value
 
-    def upstream_path(self, node: dict, key: str, path: str, default: Any) -> Any:
-        value = self.string(node, key, path, default)
-        if isinstance(value, str) and not value.startswith("/"):
-            self.problem(f"{path}.{key}", "a path starting with '/'", value)
+    def upstream_path(self, node: dict, key: str, path: str, default: Any,
+                      required: bool = False) -> Any:
+        value = self.string(node, key, path, default, required=required)
+        if isinstance(value, str) and (not value.startswith("/") or not value.isascii()
+                                       or any(c.isspace() or ord(c) < 32 for c in value)):
+            self.problem(f"{path}.{key}", "an ASCII path starting with '/', without spaces",
+                         value)
             return default
         return value
 
     def boolean(self, node: dict, key: str, path: str, default: bool) -> bool:
-        value = node.get(key, default)
+        value = node.get(key)
+        if value is None:
+            return default
         if not isinstance(value, bool):
             self.problem(f"{path}.{key}", "true or false", value)
             return default
         return value
 
-    def url(self, node: dict, key: str, path: str) -> str | None:
+    def url(self, node: dict, key: str, path: str, required: bool = True) -> str | None:
         value = node.get(key)
+        expected = "an http:// or https:// URL with a host, an optional port and no path"
         if value is None:
-            self.problem(f"{path}.{key}", "an http:// or https:// URL (required)")
+            if required:
+                self.problem(f"{path}.{key}", expected + " (required)")
             return None
         if not isinstance(value, str):
-            self.problem(f"{path}.{key}", "an http:// or https:// URL", value)
+            self.problem(f"{path}.{key}", expected, value)
             return None
         try:
             parts = urlsplit(value)
-            _ = parts.port  # raises ValueError on a port that is not a number
+            port = parts.port             # ValueError on a port that is not a number
         except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
-                or parts.path not in ("", "/") or parts.query or parts.fragment:
-            self.problem(f"{path}.{key}", "an http:// or https:// URL with a host and "
-                         "optional port, and no path", value)
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not value.isascii() \
+                or not HOST_RE.fullmatch(parts.netloc.rpartition("@")[2].rsplit(":", 1)[0]
+                                         if not parts.netloc.endswith("]")
+                                         else parts.netloc.rpartition("@")[2]) \
+                or "@" in parts.netloc or parts.path not in ("", "/") or parts.query \
+                or parts.fragment or (port is not None and not 0 < port < 65536):
+            self.problem(f"{path}.{key}", expected, value)
             return None
         return value.rstrip("/")
+
+    def bind(self, node: dict, key: str, path: str, default: str) -> str:
+        value = self.string(node, key, path, default)
+        if value.startswith("unix:") and len(value) > 5:
+            return value
+        host, _, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not (host and port.isdigit() and 0 <= int(port) < 65536
+                and (HOST_RE.fullmatch(host) or ":" in host)):
+            self.problem(f"{path}.{key}", "HOST:PORT (127.0.0.1:8770, [::1]:8770) or unix:PATH",
+                         value)
+            return default
+        return value
 
 
 def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | None:
@@ -329,10 +389,7 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
     node = r.section(node, path, ("method", "path", "json", "timeout_s"))
     method = r.string(node, "method", path, default_method, HTTP_METHODS)
     timeout = r.seconds(node, "timeout_s", path, 60.0)
-    if "path" not in node:
-        r.problem(f"{path}.path", "an upstream path starting with '/' (required)")
-        return None
-    upath = r.upstream_path(node, "path", path, None)
+    upath = r.upstream_path(node, "path", path, None, required=True)
     if upath is None:
         return None
     return Call(method=method, path=upath, json=node.get("json"), timeout_s=timeout)
@@ -349,10 +406,7 @@ def _read_busy(r: _Reader, node: Any, path: str) -> BusyProbe | None:
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
         r.problem(f"{path}.keys", "a list of JSON keys whose lists must be empty", keys)
         keys = []
-    if "path" not in node:
-        r.problem(f"{path}.path", "an upstream path starting with '/' (required)")
-        return None
-    upath = r.upstream_path(node, "path", path, None)
+    upath = r.upstream_path(node, "path", path, None, required=True)
     return BusyProbe(path=upath, keys=tuple(keys)) if upath else None
 
 
@@ -365,10 +419,7 @@ def _read_pids_from(r: _Reader, node: Any, path: str) -> PidsFrom | None:
         return None
     node = r.section(node, path, ("port", "pidfile", "cmdline"))
     if "port" in node:
-        port = r.integer(node, "port", path, None, 1, "a TCP port")
-        if port is not None and port > 65535:
-            r.problem(f"{path}.port", "a TCP port from 1 to 65535", port)
-            return None
+        port = r.integer(node, "port", path, None, 1, "a TCP port", 65535)
         return PidsFrom(port=port) if port is not None else None
     if "pidfile" in node:
         pidfile = r.string(node, "pidfile", path, None)
@@ -449,13 +500,15 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         paths = {}
     good_paths = {}
     for kind, p in paths.items():
-        if not isinstance(p, str) or not p.startswith("/"):
-            r.problem(f"{path}.paths.{kind}", "an upstream path starting with '/'", p)
-        else:
-            good_paths[str(kind)] = p
+        if not isinstance(kind, str) or not NAME_RE.fullmatch(kind):
+            r.problem(key_path(f"{path}.paths", kind), "a kind name (letters, digits, '.', '_', "
+                      "'-')")
+        elif r.upstream_path(paths, kind, f"{path}.paths", None, required=True) is not None:
+            good_paths[kind] = p
     resident = r.integer(node, "vram_resident_mib", path, None, 0, "a whole number of MiB")
     if node.get("vram_resident_mib") is None:           # absent, or `null`
-        r.problem(f"{path}.vram_resident_mib", "a whole number of MiB >= 0 (required)")
+        r.problem(f"{path}.vram_resident_mib", f"a whole number of MiB from 0 to {MAX_MIB} "
+                  "(required)")
     coexist = node.get("can_coexist_with", [])
     if not isinstance(coexist, list) or not all(isinstance(c, str) for c in coexist):
         r.problem(f"{path}.can_coexist_with", "a list of consumer names", coexist)
@@ -466,10 +519,11 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
                       f"the name of a consumer ({', '.join(names)})", other)
         elif other == name:
             r.problem(f"{path}.can_coexist_with[{i}]", "another consumer's name, not its own", other)
-    idle = node.get("idle_unload_s")
-    idle = r.seconds(node, "idle_unload_s", path, None) if idle is not None else None
-    read_timeout = node.get("read_timeout_s")
-    read_timeout = r.seconds(node, "read_timeout_s", path, None) if read_timeout is not None else None
+    idle = r.seconds(node, "idle_unload_s", path, None)
+    read_timeout = r.seconds(node, "read_timeout_s", path, None)
+    if idle is not None and node.get("unload") is None:
+        r.problem(f"{path}.idle_unload_s", "no idle_unload_s without an unload route to call "
+                  "(it could never take effect)")
     consumer = dict(
         load=_read_call(r, node.get("load"), f"{path}.load", "POST"),
         unload=_read_call(r, node.get("unload"), f"{path}.unload", "POST"),
@@ -499,14 +553,14 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                                                 "allowed_hosts", "allowed_origins", "auth_token",
                                                 "auth_token_file"))
     d = ServerConfig()
-    workers = r.integer(s, "workers", "server", d.workers, 1)
+    workers = r.integer(s, "workers", "server", d.workers, 1, maximum=64)
     if workers != 1:
         r.problem("server.workers", "1 (the GPU lock lives in one process; a second worker "
                   "would run GPU jobs beside the first and over-commit VRAM)", workers)
     server = ServerConfig(
-        bind=r.string(s, "bind", "server", d.bind),
+        bind=r.bind(s, "bind", "server", d.bind),
         workers=1,
-        threads=r.integer(s, "threads", "server", None, 1),
+        threads=r.integer(s, "threads", "server", None, 1, maximum=MAX_QUEUE + 64),
         log_format=r.string(s, "log_format", "server", d.log_format, ("text", "json")),
         allowed_hosts=_read_strings(r, s.get("allowed_hosts"), "server.allowed_hosts",
                                     "a list of host names or addresses ('*': any)"),
@@ -519,11 +573,11 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     d = GpuConfig()
     gpu = GpuConfig(
         backend=r.string(g, "backend", "gpu", d.backend, GPU_BACKENDS),
-        index=r.integer(g, "index", "gpu", d.index, 0),
+        index=r.integer(g, "index", "gpu", d.index, 0, maximum=63),
         total_mib=r.integer(g, "total_mib", "gpu", None, 1, "a whole number of MiB"),
         cushion_mib=r.integer(g, "cushion_mib", "gpu", d.cushion_mib, 0, "a whole number of MiB"),
         sample_interval_s=r.seconds(g, "sample_interval_s", "gpu", d.sample_interval_s),
-        sim_url=r.url(g, "sim_url", "gpu") if "sim_url" in g else None,
+        sim_url=r.url(g, "sim_url", "gpu", required=False),
         nvidia_smi=r.string(g, "nvidia_smi", "gpu", d.nvidia_smi))
     if gpu.backend == "ledger" and gpu.total_mib is None:
         r.problem("gpu.total_mib", "a whole number of MiB (required for backend ledger: "
@@ -542,15 +596,16 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         "load_cooldown_max_s"))
     d = SchedulerConfig()
     scheduler = SchedulerConfig(
-        max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1),
+        max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1, maximum=MAX_QUEUE),
         queue_timeout_s=r.seconds(q, "queue_timeout_s", "scheduler", d.queue_timeout_s),
-        evict_attempts=r.integer(q, "evict_attempts", "scheduler", d.evict_attempts, 0),
+        evict_attempts=r.integer(q, "evict_attempts", "scheduler", d.evict_attempts, 0,
+                                 maximum=100),
         evict_settle_s=r.seconds(q, "evict_settle_s", "scheduler", d.evict_settle_s, positive=False),
         job_timeout_s=r.seconds(q, "job_timeout_s", "scheduler", d.job_timeout_s),
         busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s),
         lock_file=r.string(q, "lock_file", "scheduler", None),
         load_failures_to_cooldown=r.integer(q, "load_failures_to_cooldown", "scheduler",
-                                            d.load_failures_to_cooldown, 1),
+                                            d.load_failures_to_cooldown, 1, maximum=1000),
         load_cooldown_s=r.seconds(q, "load_cooldown_s", "scheduler", d.load_cooldown_s),
         load_cooldown_max_s=r.seconds(q, "load_cooldown_max_s", "scheduler",
                                       d.load_cooldown_max_s))
@@ -577,9 +632,14 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         r.problem("consumers", "a mapping of at least one consumer name -> settings",
                   raw_consumers if raw_consumers is not None else _MISSING)
         raw_consumers = {}
-    names = [str(n) for n in raw_consumers]
+    names = [n for n in raw_consumers if isinstance(n, str)]
     for name, node in raw_consumers.items():
-        c = _read_consumer(r, str(name), node, names)
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            r.problem(key_path("consumers", name), "consumer names of letters, digits, '.', "
+                      "'_' and '-' (it appears in /upstream/<name>/ URLs), starting with a "
+                      "letter or digit", name)
+            continue
+        c = _read_consumer(r, name, node, names)
         if c is not None:
             consumers[c.name] = c
 
@@ -591,9 +651,11 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         r.problem("routes", f"a mapping of kind -> consumer ({KINDS_HINT})", routes_node)
     else:
         for kind, target in routes_node.items():
-            kpath = f"routes.{kind}"
-            if not isinstance(target, str) or target not in raw_consumers:
-                r.problem(kpath, f"the name of a consumer ({', '.join(raw_consumers)})", target)
+            kpath = key_path("routes", kind)
+            if not isinstance(kind, str) or not NAME_RE.fullmatch(kind):
+                r.problem(kpath, "a kind name (letters, digits, '.', '_', '-')", kind)
+            elif not isinstance(target, str) or target not in names:
+                r.problem(kpath, f"the name of a consumer ({listing(names)})", target)
             elif target not in consumers:
                 pass                  # that consumer's own problems are reported already
             elif str(kind) not in consumers[target].paths:
@@ -603,8 +665,8 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                 routes[str(kind)] = target
 
     audio = top.get("audio_proxy")
-    if audio is not None and (not isinstance(audio, str) or audio not in raw_consumers):
-        r.problem("audio_proxy", f"the name of a consumer ({', '.join(raw_consumers)})", audio)
+    if audio is not None and (not isinstance(audio, str) or audio not in names):
+        r.problem("audio_proxy", f"the name of a consumer ({listing(names)})", audio)
         audio = None
 
     if r.problems:
@@ -614,16 +676,147 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                   consumers=MappingProxyType(consumers))
 
 
+# What a config file may be: its size, and the values it may expand to
+# (aliases included). A real config is a few KiB and a few hundred values.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_VALUES = 20_000
+MAX_CONFIG_DEPTH = 64
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_Loader):
+    """YAML's safe loader, refusing a key given twice (naming both lines)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a name, not a list or mapping",
+                    key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+class _Level:
+    """One open collection in the event walk: its size so far and where it is."""
+    __slots__ = ("count", "anchor", "mapping", "want_key", "key", "index")
+
+    def __init__(self, anchor, mapping: bool):
+        self.count, self.anchor, self.mapping = 1, anchor, mapping
+        self.want_key, self.key, self.index = True, None, 0
+
+    def name(self) -> str | None:
+        """The key path segment of the value being read in this collection."""
+        return self.key if self.mapping else f"[{self.index}]"
+
+    def value_done(self) -> None:
+        if self.mapping:
+            self.want_key = True
+        else:
+            self.index += 1
+
+
+def _check_shape(text: str) -> None:
+    """Refuse, from YAML's events alone, a document that nests too deeply or
+    expands (through aliases) to too many values, before anything is built:
+    a "billion laughs" costs nothing to reject this way. The error names the
+    key path where the limit was passed."""
+    sizes: dict[str, int] = {}            # anchor -> the number of values it expands to
+    stack = [_Level(None, False)]
+
+    def where() -> str:
+        parts = [lvl.name() for lvl in stack[1:-1]] + (
+            [stack[-1].name()] if len(stack) > 1 and not stack[-1].want_key else [])
+        path = ""
+        for part in parts:
+            if part is None:
+                continue
+            part = str(part) if len(str(part)) <= 40 else str(part)[:37] + "..."
+            path += part if part.startswith("[") or not path else "." + part
+        return path or "(top level)"
+
+    def add(n: int) -> None:
+        stack[-1].count += n
+        if sum(level.count for level in stack) > MAX_CONFIG_VALUES:
+            raise _ShapeError(f"{where()}: more than {MAX_CONFIG_VALUES} values (aliases "
+                              "expanded); a config has a few hundred")
+
+    for event in yaml.parse(text, Loader=_Loader):
+        top = stack[-1]
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if top.mapping and top.want_key:
+                raise _ShapeError(f"{where()}: a mapping key must be a name, not a list or "
+                                  "mapping")
+            top.want_key = False if top.mapping else top.want_key
+            stack.append(_Level(event.anchor, isinstance(event, yaml.MappingStartEvent)))
+            if len(stack) > MAX_CONFIG_DEPTH:
+                raise _ShapeError(f"{where()}: values nested more than {MAX_CONFIG_DEPTH} deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            done = stack.pop()
+            if done.anchor:
+                sizes[done.anchor] = done.count
+            stack[-1].value_done()
+            add(done.count)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor:
+                sizes[event.anchor] = 1
+            if top.mapping and top.want_key:
+                top.key, top.want_key = event.value, False
+            else:
+                top.value_done()
+            add(1)
+        elif isinstance(event, yaml.AliasEvent):
+            if top.mapping and top.want_key:
+                top.want_key = False
+            else:
+                top.value_done()
+            add(sizes.get(event.anchor, 1))
+
+
+class _ShapeError(Exception):
+    """A document YAML can read but no config could be: its message leads with the key path."""
+
+
+def read_yaml(path: str):
+    """The YAML document in ``path``, or ConfigError with what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(path, [f"(file): cannot read it: {e.strerror or e}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, ["(file): larger than 1 MiB; a config is a few KiB"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(path, [f"(file): not UTF-8 text (byte {e.start}, line {line})"]) from None
+    try:
+        _check_shape(text)
+        return yaml.load(text, Loader=_StrictLoader)
+    except _ShapeError as e:
+        raise ConfigError(path, [str(e)]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        if "nesting depth" in problem:
+            problem = "values nested too deeply"
+        raise ConfigError(path, [f"{where}: not valid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["(file): values nested too deeply"]) from None
+
+
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Read a config file: the argument, else $MGPUMANAGER_CONFIG, else etc/consumers.yaml."""
     path = os.fspath(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(path, [f"cannot read the file: {e.strerror or e}"]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(path, [f"{where}not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
-    return parse_config(data, path)
+    return parse_config(read_yaml(path), path)

@@ -117,10 +117,10 @@ class Abandoned(BrokerError):
 
 
 class ConfigError(Exception):
-    """Every problem found in one config file, each with its key path."""
+    """Every problem found in one config file, each as ``file: key.path: ...``."""
 
     def __init__(self, path: str, problems: list[str]):
         self.path = path
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        self.problems = [f"{path}: {p}" for p in problems]
+        lines = "\n".join(self.problems)
         super().__init__(f"{path}: {len(self.problems)} problem(s) in the config:\n{lines}")

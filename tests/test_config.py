@@ -26,9 +26,11 @@ GOOD = {
 
 
 def problems_of(data) -> list[str]:
+    """The problems, each without the "test.yaml: " every one starts with."""
     with pytest.raises(ConfigError) as info:
         parse_config(data, "test.yaml")
-    return info.value.problems
+    assert all(p.startswith("test.yaml: ") for p in info.value.problems)
+    return [p.removeprefix("test.yaml: ") for p in info.value.problems]
 
 
 def test_good_config_loads_into_frozen_objects():
@@ -75,18 +77,20 @@ consumers:
     text = "\n".join(problems)
     for expected in [
         "gpu.backend: expected one of auto | nvml | nvidia-smi | ledger | sim, got 'cuda'",
-        "gpu.cushion_mib: expected a whole number of MiB >= 0, got -5",
+        "gpu.cushion_mib: expected a whole number of MiB from 0 to 1048576, got -5",
         "gpu.colour: unknown key",
-        "scheduler.max_queue: expected a whole number >= 1, got 'lots'",
-        "scheduler.queue_timeout_s: expected a number of seconds > 0, got 0",
+        "scheduler.max_queue: expected a whole number from 1 to 4096, got 'lots'",
+        "scheduler.queue_timeout_s: expected a number of seconds > 0 and at most 604800 (a week), "
+        "got 0",
         "routes.llm: expected the name of a consumer (mvoice, comfyui), got 'nobody'",
         "consumers.mvoice.url: expected an http:// or https:// URL",
-        "consumers.mvoice.paths.tts: expected an upstream path starting with '/', got 'api/tts'",
-        "consumers.mvoice.vram_resident_mib: expected a whole number of MiB >= 0, got -1",
+        "consumers.mvoice.paths.tts: expected an ASCII path starting with '/', without spaces, "
+        "got 'api/tts'",
+        "consumers.mvoice.vram_resident_mib: expected a whole number of MiB from 0 to 1048576, got -1",
         "consumers.mvoice.can_coexist_with[0]: expected the name of a consumer",
         "consumers.mvoice.unload.method: expected one of GET | POST",
-        "consumers.mvoice.unload.path: an upstream path starting with '/' (required)",
-        "consumers.comfyui.vram_resident_mib: expected a whole number of MiB >= 0, got 'lots'",
+        "consumers.mvoice.unload.path: a value (required; it is missing or null)",
+        "consumers.comfyui.vram_resident_mib: expected a whole number of MiB from 0 to 1048576, got 'lots'",
         "consumers.comfyui.unload.extra: unknown key",
     ]:
         assert expected in text, f"missing {expected!r} in:\n{text}"
@@ -125,7 +129,7 @@ def test_file_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
         load_config(missing)
-    assert str(missing) in str(info.value) and "cannot read the file" in str(info.value)
+    assert str(missing) in str(info.value) and "cannot read it" in str(info.value)
     broken = tmp_path / "broken.yaml"
     broken.write_text("gpu: [unclosed\n")
     with pytest.raises(ConfigError) as info:
@@ -155,4 +159,5 @@ def test_a_null_required_key_is_a_problem_not_a_silently_dropped_consumer():
     data = yaml.safe_load(yaml.safe_dump(GOOD))
     data["consumers"]["mvoice"]["vram_resident_mib"] = None
     assert problems_of(data) == [
-        "consumers.mvoice.vram_resident_mib: a whole number of MiB >= 0 (required)"]
+        "consumers.mvoice.vram_resident_mib: a whole number of MiB from 0 to 1048576 "
+        "(required)"]

@@ -134,6 +134,8 @@ class ModelServer(SimServer):
 
     resident_mib = 1000
     load_s = 0.2
+    die_mid_stream = False           # soak faults: a stream that breaks off
+    fail_unload = False              # soak faults: an unload route that answers 500
 
     def __init__(self, gpu: SimGpu, *, time_scale: float = 1.0, **kw):
         self.gpu = gpu
@@ -218,6 +220,8 @@ class MvoiceSim(ModelServer):
         return Reply.json({"loaded": True})
 
     def admin_unload(self, req: Request) -> Reply:
+        if self.fail_unload:
+            return Reply.json({"error": "simulated unload failure"}, 500)
         freed = self.unload()
         return Reply.json({"loaded": False, "freed_mib": freed})
 
@@ -367,6 +371,8 @@ class OllamaSim(ModelServer):
             with self.gpu.job(self.name, "llm"):
                 for i in range(n):
                     self.sleep(self.token_s)
+                    if self.die_mid_stream and i == 2:
+                        raise ConnectionAbortedError("the simulated ollama died mid-stream")
                     yield line(i, False)
                 yield line(n, True)
             self._keep(body.get("keep_alive"))

@@ -131,7 +131,7 @@ class SimServer:
         self.tail_delay_s = 0.0      # tests: hold an answer's last byte back this long
         server = self
         handler = type("Handler", (_Handler,), {"sim": server})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _QuietServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                        name=f"sim-{self.name}", kwargs={"poll_interval": 0.05})
@@ -180,6 +180,14 @@ class SimServer:
         if allowed:
             return Reply.json({"error": "method not allowed"}, 405, {"Allow": ", ".join(allowed)})
         return Reply.json({"error": f"not found: {req.path}"}, 404)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up, or a fault a test switched on, is expected
+    here: no traceback on stderr for it."""
+
+    def handle_error(self, request, client_address):
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):

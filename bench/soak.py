@@ -1,0 +1,271 @@
+"""Soak: mixed traffic with faults switched on at random, then the promises.
+
+    python bench/soak.py [--minutes 3] [--clients 6] [--hup-every 60]
+
+The broker runs under gunicorn in front of the simulated consumers (one
+simulated 24 GiB GPU, really accounted). Clients send TTS, STT, LLM and
+image jobs; some hang up mid-answer or stall their upload. Faults come and
+go at random: ollama's streams break off, mvoice's unload answers 500, a
+service hangs for a while, health probes flap; the broker gets a SIGHUP
+every --hup-every seconds. At the end it checks: every request got a
+definite answer or a cut (none hung), no two GPU jobs overlapped, no
+simulated OOM, no lease outlived its deadline (/healthz never said so), and
+threads, open files and RSS stayed flat (first minute against the last).
+Writes bench/soak.json and a section of bench/RESULTS.md; exits 1 if a
+promise broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import sim_config  # noqa: E402
+from mgpumanager.sim import start_cluster  # noqa: E402
+from mgpumanager.sim.traffic import _WAV  # noqa: E402
+
+PAYLOAD = {"tts": {"json": {"text": "soak"}},
+           "stt": {"files": {"file": ("a.wav", _WAV, "audio/wav")}},
+           "llm": {"json": {"prompt": "x", "options": {"num_predict": 6}}},
+           "image": {"json": {"prompt": {"1": {}}}}}
+
+
+def start_broker(cfg: dict, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
+    path = workdir / "soak.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = workdir / "broker.log"
+    env = dict(os.environ, MGPUMANAGER_CONFIG=str(path), PYTHONUNBUFFERED="1",
+               MALLOC_ARENA_MAX="1", MGPUMANAGER_LOCK_FILE=str(workdir / "gpu.lock"))
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+                             "--bind", "127.0.0.1:0", "--no-control-socket"], cwd=ROOT, env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if "Listening at: http://127.0.0.1:" in text:
+            port = text.split("Listening at: http://127.0.0.1:")[1].split()[0]
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if requests.get(url + "/healthz", timeout=2).ok:
+                    return proc, url, log
+            except requests.RequestException:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError("the broker did not start:\n" + log.read_text(errors="replace"))
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.outcomes: collections.Counter = collections.Counter()
+
+    def add(self, key: str) -> None:
+        with self.lock:
+            self.outcomes[key] += 1
+
+
+def client(url: str, stop: threading.Event, tally: Tally, seed: int) -> None:
+    rnd = random.Random(seed)
+    host, port = url.rsplit(":", 1)[0][7:], int(url.rsplit(":", 1)[1])
+    while not stop.is_set():
+        kind = rnd.choice(["tts", "stt", "llm", "image", "tts", "llm"])
+        behaviour = rnd.choices(["normal", "hang-up", "stall"], [8, 1, 1])[0]
+        try:
+            if behaviour == "normal":
+                r = requests.post(f"{url}/v1/{kind}", timeout=90, **PAYLOAD[kind])
+                tally.add(f"answered {r.status_code}"
+                          + (f" {r.json()['error']['code']}" if r.status_code >= 400 and
+                             r.headers.get('Content-Type') == 'application/json' else ""))
+            elif behaviour == "hang-up":
+                with socket.create_connection((host, port), timeout=30) as s:
+                    body = json.dumps({"text": "bye"}).encode()
+                    s.sendall(b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(body), body))
+                    s.recv(rnd.randint(1, 200))
+                tally.add("client hung up")
+            else:
+                with socket.create_connection((host, port), timeout=30) as s:
+                    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Length: 100\r\n\r\nonly-some")
+                    s.settimeout(20)
+                    head = s.recv(200)
+                tally.add("stalled upload: " + (head[9:12].decode() if head else "cut"))
+        except requests.exceptions.ChunkedEncodingError:
+            tally.add("cut mid-answer")
+        except (requests.exceptions.ReadTimeout, socket.timeout):
+            tally.add("NO ANSWER")
+        except (requests.RequestException, OSError) as e:
+            tally.add(f"connection error: {type(e).__name__}")
+        time.sleep(rnd.uniform(0, 0.3))
+
+
+def faults(sim, stop: threading.Event, log: list, seed: int) -> None:
+    rnd = random.Random(seed)
+    switches = [
+        ("ollama streams break off", lambda on: setattr(sim.ollama, "die_mid_stream", on)),
+        ("mvoice unload answers 500", lambda on: setattr(sim.mvoice, "fail_unload", on)),
+        ("whisper hangs 3 s per request", lambda on: setattr(sim.whisper, "delay_s", 3 if on else 0)),
+        ("mvoice health fails", lambda on: setattr(sim.mvoice, "healthy", not on)),
+        ("comfyui health fails", lambda on: setattr(sim.comfyui, "healthy", not on)),
+    ]
+    while not stop.wait(rnd.uniform(2, 6)):
+        name, switch = rnd.choice(switches)
+        switch(True)
+        log.append(name)
+        stop.wait(rnd.uniform(1, 4))
+        switch(False)
+    for _, switch in switches:
+        switch(False)
+
+
+def worker_sample(proc: subprocess.Popen, url: str) -> dict | None:
+    try:
+        pid = requests.get(url + "/v1/status", timeout=5).json()["broker"]["pid"]
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {"t": time.monotonic(), "pid": pid, "threads": int(fields["Threads"]),
+                "rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
+                "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    except (requests.RequestException, OSError, KeyError, ValueError):
+        return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--minutes", type=float, default=3)
+    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--hup-every", type=float, default=60)
+    p.add_argument("--seed", type=int, default=11)
+    a = p.parse_args()
+    sim = start_cluster(24576, time_scale=0.2)
+    from mgpumanager.sim.echo import EchoServer
+    echo = EchoServer().start()
+    cfg = sim_config(sim, echo)
+    cfg["scheduler"].update(job_timeout_s=20, queue_timeout_s=40, max_queue=32)
+    cfg["proxy"].update(client_timeout_s=3, read_timeout_s=15)
+    workdir = Path(tempfile.mkdtemp(prefix="soak-"))
+    proc, url, log_path = start_broker(cfg, workdir)
+    stop = threading.Event()
+    tally, fault_log, samples, health = Tally(), [], [], collections.Counter()
+    threads = [threading.Thread(target=client, args=(url, stop, tally, a.seed + i), daemon=True)
+               for i in range(a.clients)]
+    threads.append(threading.Thread(target=faults, args=(sim, stop, fault_log, a.seed),
+                                    daemon=True))
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    end = t0 + a.minutes * 60
+    next_hup = t0 + a.hup_every
+    hups = 0
+    print(f"soak: {a.minutes:g} min, {a.clients} clients, HUP every {a.hup_every:g} s; "
+          f"broker {url}, log {log_path}", flush=True)
+    while time.monotonic() < end:
+        time.sleep(1)
+        try:
+            r = requests.get(url + "/healthz", timeout=5)
+            health["200" if r.ok else "503: " + "; ".join(r.json().get("problems", []))] += 1
+        except requests.RequestException as e:
+            health[f"unreachable: {type(e).__name__}"] += 1
+        if int(time.monotonic() - t0) % 5 == 0:
+            s = worker_sample(proc, url)
+            if s:
+                samples.append(s)
+        if time.monotonic() >= next_hup and time.monotonic() < end - 20:
+            proc.send_signal(signal.SIGHUP)
+            hups += 1
+            next_hup += a.hup_every
+    stop.set()
+    for t in threads:
+        t.join(120)
+    time.sleep(2)
+    st = requests.get(url + "/v1/status", timeout=5).json()["scheduler"]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(40)
+    sim.stop()
+    echo.stop()
+
+    def window(lo, hi):
+        picked = [s for s in samples if lo <= s["t"] - t0 < hi]
+        return {k: round(sum(s[k] for s in picked) / len(picked), 1) if picked else None
+                for k in ("threads", "rss_mib", "fds")}
+    minute = min(60.0, a.minutes * 60 / 3)
+    first, last = window(10, 10 + minute), window(a.minutes * 60 - minute, a.minutes * 60 + 1)
+    overlaps = sim.gpu.overlaps()
+    result = {
+        "minutes": a.minutes, "clients": a.clients, "hups": hups,
+        "outcomes": dict(tally.outcomes), "faults": dict(collections.Counter(fault_log)),
+        "healthz": dict(health), "overlapping_gpu_jobs": len(overlaps),
+        "max_concurrent_gpu_jobs": sim.gpu.max_concurrent, "simulated_ooms": sim.gpu.ooms,
+        "leases_expired": st["leases_expired"], "gpu_jobs": st["total_jobs"],
+        "first_minute": first, "last_minute": last,
+    }
+    broken = []
+    if tally.outcomes.get("NO ANSWER"):
+        broken.append(f"{tally.outcomes['NO ANSWER']} requests got no answer")
+    if overlaps or sim.gpu.max_concurrent > 1:
+        broken.append(f"{len(overlaps)} overlapping GPU jobs")
+    if sim.gpu.ooms:
+        broken.append(f"{sim.gpu.ooms} simulated OOMs: {sim.gpu.oom_log[:2]}")
+    if any(k.startswith("503") for k in health):
+        broken.append("/healthz said the broker could not schedule")
+    if first["threads"] and last["threads"] and last["threads"] > first["threads"] + 8:
+        broken.append(f"threads grew {first['threads']} -> {last['threads']}")
+    if first["fds"] and last["fds"] and last["fds"] > first["fds"] + 30:
+        broken.append(f"open files grew {first['fds']} -> {last['fds']}")
+    if first["rss_mib"] and last["rss_mib"] and last["rss_mib"] > first["rss_mib"] * 1.5 + 20:
+        broken.append(f"RSS grew {first['rss_mib']} -> {last['rss_mib']} MiB")
+    result["broken"] = broken
+    (ROOT / "bench" / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    write_results(result)
+    print("soak: " + ("PASSED" if not broken else "FAILED: " + "; ".join(broken)))
+    return 1 if broken else 0
+
+
+def write_results(r: dict) -> None:
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    start = text.find("## Soak")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items()))
+    section = f"""## Soak (`make soak`)
+
+{r['minutes']:g} minutes, {r['clients']} clients, {r['hups']} SIGHUP reloads, faults:
+{', '.join(f'{k} ({v}x)' for k, v in sorted(r['faults'].items())) or 'none'}.
+
+| promise | result |
+|---|---|
+| every request answered or cut | {outcomes} |
+| overlapping GPU jobs | {r['overlapping_gpu_jobs']} (at most {r['max_concurrent_gpu_jobs']} at once) |
+| simulated OOMs | {r['simulated_ooms']} |
+| leases released by the watchdog / /healthz 503s | {r['leases_expired']} / {sum(v for k, v in r['healthz'].items() if k != '200')} |
+| worker threads, first minute -> last | {r['first_minute']['threads']} -> {r['last_minute']['threads']} |
+| worker open files | {r['first_minute']['fds']} -> {r['last_minute']['fds']} |
+| worker RSS (MiB) | {r['first_minute']['rss_mib']} -> {r['last_minute']['rss_mib']} |
+| verdict | {'passed' if not r['broken'] else 'FAILED: ' + '; '.join(r['broken'])} |
+"""
+    path.write_text(text.rstrip() + "\n\n" + section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
