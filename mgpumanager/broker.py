@@ -435,7 +435,7 @@ class Broker:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
             plan = plan_room(target, views, free_mib=reading.free_mib,
                              total_mib=reading.total_mib, cushion_mib=self.config.gpu.cushion_mib,
-                             coexist=self.config.may_coexist)
+                             coexist=self.config.may_coexist, live=self.reader.live)
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "
                            f"({reading.free_mib} MiB free of {reading.total_mib}, "
@@ -577,7 +577,7 @@ class Broker:
         not run on beside the next job once the watchdog has moved on."""
         left = lease.deadline - time.monotonic()
         if left <= 0 or lease.cut_reason is not None:
-            return f"{call.method} {call.path}: not sent, the GPU lease has ended"
+            return f"{call.describe()}: not sent, the GPU lease has ended"
         return self.actions.call(c, call, timeout_s=left)
 
     def _holders(self, reading: GpuReading) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from .errors import ConfigError
+from .presets import TYPES, with_preset
 from .procs import PidsFrom
 
 DEFAULT_CONFIG = "etc/consumers.yaml"
@@ -93,12 +94,32 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
-class Call:
-    """A load or unload route: ``{method: POST, path: /free, json: {...}}``."""
-    method: str
+class ModelsFrom:
+    """Where a service lists its loaded models: GET ``path``, the JSON list
+    under ``list``, each model's name under ``name`` (and its VRAM in bytes
+    under ``vram_bytes``, where the service says)."""
     path: str
+    list: str = "models"
+    name: str = "name"
+    vram_bytes: str | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    """A load or unload action: a route (``{method: POST, path: /free, json:
+    {...}}``), once or ``for_each`` loaded model (``"{model}"`` in the JSON is
+    its name; ``until_empty``: then poll the list until it is empty), or a
+    ``command`` run without a shell."""
+    method: str = "POST"
+    path: str | None = None
     json: Any = None
     timeout_s: float = 60.0
+    command: tuple[str, ...] | None = None
+    for_each: ModelsFrom | None = None
+    until_empty: bool = False
+
+    def describe(self) -> str:
+        return " ".join(self.command) if self.command else f"{self.method} {self.path}"
 
 
 @dataclass(frozen=True)
@@ -165,6 +186,8 @@ class ConsumerConfig:
     read_timeout_s: float | None = None
     pids_from: PidsFrom | None = None   # how to find its processes, for measured VRAM
     upstream_allow: tuple[GpuRoute, ...] | None = None   # None: /upstream/<name>/ forwards all
+    loaded_from: ModelsFrom | None = None   # its loaded models (and their VRAM), for its state
+    type: str = "generic"                   # the preset its defaults came from
 
     def upstream_allows(self, method: str, raw_path: str) -> bool:
         """Whether /upstream/<name>/ may forward this: every form of the path
@@ -213,10 +236,12 @@ class Config:
             flags = [f"{c.vram_resident_mib} MiB"]
             if c.vram_managed:
                 flags.append("vram_managed")
+            if c.type != "generic":
+                flags.append(f"type {c.type}")
             if c.unload:
-                flags.append("unload " + c.unload.path)
+                flags.append("unload " + c.unload.describe())
             if c.load:
-                flags.append("load " + c.load.path)
+                flags.append("load " + c.load.describe())
             if c.busy:
                 flags.append("busy " + c.busy.path)
             if c.can_coexist_with:
@@ -386,13 +411,44 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
     if not isinstance(node, dict):
         r.problem(path, "a mapping like {method: POST, path: /api/unload}", node)
         return None
-    node = r.section(node, path, ("method", "path", "json", "timeout_s"))
+    node = r.section(node, path, ("method", "path", "json", "timeout_s", "command", "for_each",
+                                  "until_empty"))
     method = r.string(node, "method", path, default_method, HTTP_METHODS)
     timeout = r.seconds(node, "timeout_s", path, 60.0)
+    command = node.get("command")
+    if command is not None:
+        if node.get("path") is not None or node.get("for_each") is not None:
+            r.problem(path, "either a command or a path (with for_each), not both")
+            return None
+        if not isinstance(command, list) or not command or \
+                not all(isinstance(a, str) and a for a in command):
+            r.problem(f"{path}.command", "a list like [systemctl, stop, whisper-server] "
+                      "(run without a shell)", command)
+            return None
+        return Call(method=method, timeout_s=timeout, command=tuple(command))
     upath = r.upstream_path(node, "path", path, None, required=True)
+    for_each = _read_models_from(r, node.get("for_each"), f"{path}.for_each")
+    until_empty = r.boolean(node, "until_empty", path, False)
+    if until_empty and for_each is None:
+        r.problem(f"{path}.until_empty", "only with for_each (the list it waits to be empty)")
     if upath is None:
         return None
-    return Call(method=method, path=upath, json=node.get("json"), timeout_s=timeout)
+    return Call(method=method, path=upath, json=node.get("json"), timeout_s=timeout,
+                for_each=for_each, until_empty=until_empty)
+
+
+def _read_models_from(r: _Reader, node: Any, path: str) -> ModelsFrom | None:
+    if node is None:
+        return None
+    if not isinstance(node, dict):
+        r.problem(path, "a mapping like {path: /api/ps, list: models, name: name}", node)
+        return None
+    node = r.section(node, path, ("path", "list", "name", "vram_bytes"))
+    upath = r.upstream_path(node, "path", path, None, required=True)
+    found = ModelsFrom(path=upath or "/", list=r.string(node, "list", path, "models"),
+                       name=r.string(node, "name", path, "name"),
+                       vram_bytes=r.string(node, "vram_bytes", path, None))
+    return found if upath else None
 
 
 def _read_busy(r: _Reader, node: Any, path: str) -> BusyProbe | None:
@@ -489,9 +545,11 @@ def _read_gpu_routes(r: _Reader, node: Any, path: str,
 def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> ConsumerConfig | None:
     path = f"consumers.{name}"
     node = r.section(node, path, (
-        "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load", "unload",
-        "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s", "pids_from",
-        "upstream_allow"))
+        "type", "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
+        "unload", "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s",
+        "pids_from", "upstream_allow", "loaded_from"))
+    kind = r.string(node, "type", path, "generic", TYPES)
+    node = with_preset({**node, "type": kind})
     url = r.url(node, "url", path)
     health = r.upstream_path(node, "health", path, "/")
     paths = node.get("paths", {})
@@ -532,7 +590,9 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         vram_managed=r.boolean(node, "vram_managed", path, False),
         pids_from=_read_pids_from(r, node.get("pids_from"), f"{path}.pids_from"),
         upstream_allow=(None if node.get("upstream_allow") is None else _read_gpu_routes(
-            r, node.get("upstream_allow"), f"{path}.upstream_allow", None)))
+            r, node.get("upstream_allow"), f"{path}.upstream_allow", None)),
+        loaded_from=_read_models_from(r, node.get("loaded_from"), f"{path}.loaded_from"),
+        type=kind)
     if url is None or resident is None:
         return None
     return ConsumerConfig(

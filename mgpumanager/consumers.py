@@ -9,6 +9,7 @@ scheduler can be unit-tested against a fake that records what it was asked.
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable, Protocol
 
 import requests
 
-from .config import Call, Config, ConsumerConfig
+from .config import Call, Config, ConsumerConfig, ModelsFrom
 from .errors import BrokerError
 from .gpu import iso_utc
 from .policy import ConsumerView
@@ -31,6 +32,7 @@ class HealthResult:
     ok: bool
     error: str | None = None
     loaded: bool | None = None      # what the consumer says of itself, if it says
+    vram_mib: int | None = None     # what it says it holds (ollama's /api/ps), if it says
 
 
 class ConsumerActions(Protocol):
@@ -79,19 +81,58 @@ class HttpActions:
                         body = None
                     if isinstance(body, dict) and isinstance(body.get("loaded"), bool):
                         loaded = body["loaded"]
+            if c.loaded_from is None:
                 return HealthResult(True, None, loaded)
+            models = self.models(c, c.loaded_from, self.health_timeout_s)
+            vram = None
+            if c.loaded_from.vram_bytes:
+                sizes = [m.get(c.loaded_from.vram_bytes) for m in models if isinstance(m, dict)]
+                if all(isinstance(x, int) for x in sizes):
+                    vram = sum(sizes) // (1024 * 1024)
+            return HealthResult(True, None, bool(models), vram)
         except BrokerError as e:
             return HealthResult(False, e.message)
 
+    def models(self, c: ConsumerConfig, where: ModelsFrom, timeout_s: float) -> list:
+        """The consumer's loaded models, as it lists them (BrokerError if it cannot)."""
+        with self._send("GET", c, where.path, timeout_s) as r:
+            try:
+                body = r.json() if 200 <= r.status_code < 300 else None
+            except ValueError:
+                body = None
+        found = body.get(where.list) if isinstance(body, dict) else None
+        if not isinstance(found, list):
+            raise BrokerError(f"GET {where.path} did not list its models under {where.list!r}",
+                              consumer=c.name)
+        return found
+
     def call(self, c: ConsumerConfig, call: Call, timeout_s: float | None = None) -> str | None:
         timeout = call.timeout_s if timeout_s is None else min(call.timeout_s, timeout_s)
+        if call.command:
+            return run_command(c.name, call.command, timeout)
+        deadline = time.monotonic() + timeout
         try:
-            with self._send(call.method, c, call.path, timeout, call.json) as r:
-                if 200 <= r.status_code < 300:
-                    return None
-                return f"{call.method} {call.path} answered {r.status_code}: {r.text[:200]}"
+            if call.for_each is None:
+                return self._route(c, call, call.json, timeout)
+            for model in self.models(c, call.for_each, timeout):
+                name = model.get(call.for_each.name) if isinstance(model, dict) else model
+                error = self._route(c, call, _fill(call.json, str(name)),
+                                    max(0.1, deadline - time.monotonic()))
+                if error:
+                    return error
+            while call.until_empty and self.models(c, call.for_each, timeout):
+                if time.monotonic() >= deadline:
+                    return f"{call.describe()}: {call.for_each.path} still lists models"
+                time.sleep(0.1)
+            return None
         except BrokerError as e:
-            return f"{call.method} {call.path}: {e.message}"
+            return f"{call.describe()}: {e.message}"
+
+    def _route(self, c: ConsumerConfig, call: Call, body, timeout: float) -> str | None:
+        with self._send(call.method, c, call.path, timeout, body) as r:
+            if 200 <= r.status_code < 300:
+                return None
+            return f"{call.describe()} answered {r.status_code}: {r.text[:200]}"
 
     def is_busy(self, c: ConsumerConfig) -> bool:
         """True while the busy probe shows work; a probe that fails counts as idle
@@ -106,6 +147,37 @@ class HttpActions:
             return False
         keys = c.busy.keys or tuple(body)
         return any(bool(body.get(k)) for k in keys)
+
+
+def _fill(template, model: str):
+    """The JSON template with "{model}" replaced by the model's name."""
+    if isinstance(template, str):
+        return template.replace("{model}", model)
+    if isinstance(template, dict):
+        return {k: _fill(v, model) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_fill(v, model) for v in template]
+    return template
+
+
+def run_command(name: str, argv: tuple[str, ...], timeout_s: float) -> str | None:
+    """Run a load or unload command without a shell; None if it exited 0.
+    Its exit status and output are logged either way."""
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        log.warning("%s: %s did not finish within %g s", name, " ".join(argv), timeout_s)
+        return f"{' '.join(argv)}: no exit within {timeout_s:g} s"
+    except OSError as e:
+        log.warning("%s: %s could not run: %s", name, " ".join(argv), e)
+        return f"{' '.join(argv)}: {e.strerror or e}"
+    tail = (out.stdout + out.stderr).strip()[-300:]
+    log.info("%s: %s exited %d%s", name, " ".join(argv), out.returncode,
+             f": {tail}" if tail else "")
+    if out.returncode != 0:
+        return f"{' '.join(argv)} exited {out.returncode}: {tail[-200:]}"
+    return None
 
 
 class ConsumerState:
@@ -222,6 +294,11 @@ class ConsumerRegistry:
             if result.loaded is not None:
                 if sent_at is None or sent_at >= s.state_set_at:
                     s.loaded = result.loaded
+            if result.vram_mib is not None and s.config.pids_from is None:
+                # The service's own account (ollama's /api/ps), where no
+                # per-process reading is configured.
+                s.measured = Measured(result.vram_mib, (), f"as {s.config.health} reports it")
+                s.peak_measured_mib = max(s.peak_measured_mib, result.vram_mib)
         if (changed or (first and not result.ok)) and self._on_health_change:
             self._on_health_change(name, result.ok, result.error)
 

@@ -53,7 +53,7 @@ def eviction_candidates(target: str, views: Mapping[str, ConsumerView],
 
 def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
               total_mib: int, cushion_mib: int,
-              coexist: Callable[[str, str], bool]) -> Plan:
+              coexist: Callable[[str, str], bool], live: bool = False) -> Plan:
     """Decide which consumers to unload so that ``target`` fits.
 
     Measurement first: ``free_mib`` and ``total_mib`` are the reading (for
@@ -63,9 +63,15 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
 
     - The target's *share* is what the reading can attribute to it: what is
       in use beyond everyone else believed resident, up to its own size. A
-      possibly-resident target is never counted against itself: its share
-      is free for it (if it is resident it needs nothing more; if not, what
-      the ledger gave it is free).
+      possibly-resident target is never counted against itself: with the
+      ledger its share is free for it (if it is resident it needs nothing
+      more; if not, what the ledger gave it is free). A live reading cannot
+      tell its memory from another program's, so there a possibly-resident
+      target that does not fit is itself a candidate to unload: that
+      settles what it holds.
+    - With a live reading, memory in use that no belief explains means a
+      belief is stale (another process loaded something): consumers
+      believed not loaded become candidates too.
     - A target believed resident needs nothing, unless the reading shows it
       cannot be (its share falls short of its size, or the beliefs add up to
       more than the GPU): then it is treated as not resident, and the plan
@@ -87,7 +93,10 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     surely_mib = sum(v.resident_mib for v in others if v.loaded is True)
     # Credit only what no possibly-loaded consumer could be holding: a live
     # reading cannot tell whose memory is whose.
-    share = 0 if me.loaded is False else min(me.resident_mib, max(0, used - others_mib))
+    if me.loaded is False or (live and me.loaded is None):
+        share = 0
+    else:
+        share = min(me.resident_mib, max(0, used - others_mib))
     room = free_mib + share
     contradicted = False
     if me.loaded is True:
@@ -108,6 +117,15 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
                     contradicted)
 
     candidates = eviction_candidates(target, views, coexist)
+    if live:
+        unexplained = used - others_mib - share > cushion_mib
+        extra = [v for v in views.values()
+                 if v.can_unload and not v.vram_managed and v not in candidates and (
+                     (v.name == target and me.loaded is None) or
+                     (unexplained and v.name != target and v.loaded is False
+                      and not coexist(v.name, target)))]
+        # The target itself last: if it is resident, unloading it is the dearest.
+        candidates = sorted(candidates + extra, key=lambda v: (v.name == target, lru_key(v)))
     victims = _fewest_victims(candidates, need - room)
     if victims is None:
         evictable = sum(c.resident_mib for c in candidates)

@@ -123,3 +123,28 @@ def test_an_unknown_managed_consumer_the_reading_confirms_means_never_fits():
 def test_a_believed_resident_target_the_reading_confirms_needs_nothing():
     p = plan("img", [view("img", 13000, loaded=True), view("tts", 3000)], 0, total=16000)
     assert p.need_mib == 0 and p.victims == () and not p.contradicted
+
+
+# A live reading cannot tell whose memory is whose.
+LIVE_CASES = [
+    pytest.param("img", [view("img", 13500, loaded=None), view("llm", 8000, managed=True),
+                         view("tts", 3200, loaded=False, last_used=1)],
+                 24576, 24576 - 8000 - 3200, (), ("tts",), True,
+                 id="memory-no-belief-explains-makes-not-loaded-ones-candidates"),
+    pytest.param("img", [view("img", 13000, loaded=None), view("stt", 1800, loaded=True,
+                                                               unload=False)],
+                 24576, 24576 - 13000 - 1800, [("img", "stt")], ("img",), True,
+                 id="a-possibly-resident-target-that-does-not-fit-is-unloaded-to-settle-it"),
+    pytest.param("img", [view("img", 13000, loaded=None), view("stt", 1800, loaded=True)],
+                 24576, 24576 - 1800, (), (), True,
+                 id="a-possibly-resident-target-with-room-needs-nothing"),
+]
+
+
+@pytest.mark.parametrize("target,views,total,free,coexist,victims,fits", LIVE_CASES)
+def test_a_live_reading_credits_no_one_it_cannot_see(target, views, total, free, coexist,
+                                                     victims, fits):
+    pairs = {frozenset(p) for p in coexist}
+    p = plan_room(target, {v.name: v for v in views}, free_mib=free, total_mib=total,
+                  cushion_mib=256, coexist=lambda a, b: frozenset((a, b)) in pairs, live=True)
+    assert (p.victims, p.fits) == (victims, fits)

@@ -258,6 +258,17 @@ class WhisperSim(ModelServer):
     def register(self):
         self.route("GET", "/health", self.health)
         self.route("POST", "/inference", self.inference)
+        # The real server has no unload: these stand for the commands that
+        # stop and start its process (systemctl stop|start whisper-server).
+        self.route("POST", "/sim/stop", lambda r: Reply.json({"freed_mib": self.unload()}))
+        self.route("POST", "/sim/start", self._start)
+
+    def _start(self, req: Request) -> Reply:
+        try:
+            self.ensure_loaded()
+        except SimOom as e:
+            return oom_reply(e)
+        return Reply.json({"loaded": True})
 
     def health(self, req: Request) -> Reply:
         if not self.healthy:
@@ -296,6 +307,10 @@ class OllamaSim(ModelServer):
         self.route("GET", "/api/tags", lambda r: Reply.json({"models": [{"name": "sim:latest"}]}))
         self.route("POST", "/api/generate", self.generate)
         self.route("POST", "/api/chat", self.generate)
+        self.route("GET", "/v1/models", lambda r: Reply.json(
+            {"object": "list", "data": [{"id": "sim:latest", "object": "model",
+                                         "created": 0, "owned_by": "sim"}]}))
+        self.route("POST", "/v1/chat/completions", self.openai_chat)
         threading.Thread(target=self._expirer, daemon=True, name="sim-ollama-expiry").start()
 
     def health(self, req):
@@ -319,6 +334,41 @@ class OllamaSim(ModelServer):
             self._expiry = time.monotonic() + seconds * self.time_scale if seconds > 0 else None
         if seconds <= 0:
             self.unload()
+
+    def openai_chat(self, req: Request) -> Reply:
+        """OpenAI-compatible chat (ollama serves one at /v1): SSE when streamed,
+        with a comment line first, as servers send to keep a stream alive."""
+        try:
+            body = req.json()
+        except ValueError:
+            return Reply.json({"error": {"message": "invalid JSON"}}, 400)
+        model = body.get("model", "sim:latest")
+        try:
+            self.ensure_loaded()
+        except SimOom as e:
+            return oom_reply(e)
+        n = int(body.get("max_tokens") or self.tokens)
+        if not body.get("stream"):
+            with self.gpu.job(self.name, "llm"):
+                self.sleep(self.token_s * n)
+            return Reply.json({"id": "chatcmpl-sim", "object": "chat.completion",
+                               "created": int(time.time()), "model": model,
+                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                   "role": "assistant",
+                                   "content": "".join(f"tok{i} " for i in range(n))}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": n,
+                                         "total_tokens": n + 1}})
+
+        def stream():
+            yield b": keep-alive\n\n"
+            with self.gpu.job(self.name, "llm"):
+                for i in range(n):
+                    self.sleep(self.token_s)
+                    yield _sse_chunk(model, f"tok{i} ")
+                yield _sse_chunk(model, None, "stop")
+            yield b"data: [DONE]\n\n"
+            self._keep(None)
+        return Reply(200, stream(), content_type="text/event-stream")
 
     def ps(self, req):
         models = [{"name": "sim:latest", "model": "sim:latest",
@@ -379,6 +429,14 @@ class OllamaSim(ModelServer):
         return Reply(200, stream(), content_type="application/x-ndjson")
 
 
+def _sse_chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
+    obj = {"id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": int(time.time()),
+           "model": model, "choices": [{"index": 0, "finish_reason": finish,
+                                        "delta": {} if content is None else
+                                        {"role": "assistant", "content": content}}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
 def _duration(value) -> float:
     """ollama's keep_alive: seconds as a number, or "5m", "30s", "1h"."""
     if isinstance(value, (int, float)):
@@ -405,6 +463,8 @@ class ComfySim(ModelServer):
     resident_mib = 13500
     load_s = 0.5
     render_s = 1.5
+    free_delay_s = 0.5           # /free answers at once; the memory comes back this much later
+    residue_mib = 512            # and some of it stays, as PyTorch's cache
 
     def register(self):
         self._queue: list[str] = []
@@ -413,13 +473,15 @@ class ComfySim(ModelServer):
         self._free_pending = False
         self.history: dict[str, dict] = {}
         self._numbers = itertools.count(1)
-        self.route("GET", "/system_stats", self.system_stats)
-        self.route("POST", "/prompt", self.prompt)
-        self.route("GET", "/queue", self.queue)
-        self.route("GET", "/history/(?P<id>[^/]+)", self.get_history)
-        self.route("GET", "/history", lambda r: Reply.json(self.history))
-        self.route("GET", "/view", self.view)
-        self.route("POST", "/free", self.free)
+        # Like the real one, every route is also served under /api/.
+        for prefix in ("", "/api"):
+            self.route("GET", prefix + "/system_stats", self.system_stats)
+            self.route("POST", prefix + "/prompt", self.prompt)
+            self.route("GET", prefix + "/queue", self.queue)
+            self.route("GET", prefix + "/history/(?P<id>[^/]+)", self.get_history)
+            self.route("GET", prefix + "/history", lambda r: Reply.json(self.history))
+            self.route("GET", prefix + "/view", self.view)
+            self.route("POST", prefix + "/free", self.free)
         threading.Thread(target=self._worker, daemon=True, name="sim-comfy-worker").start()
 
     def system_stats(self, req):
@@ -491,17 +553,35 @@ class ComfySim(ModelServer):
         return Reply(200, png, content_type="image/png")
 
     def free(self, req):
+        """Answers at once and frees later, leaving some cache behind, as the
+        real one does; without a JSON body it fails (500), as the real one does."""
         try:
             body = req.json()
         except ValueError:
-            body = {}
+            return Reply.json({"error": "expected a JSON body"}, 500)
+        if not isinstance(body, dict) or not body:
+            return Reply.json({"error": "expected a JSON body"}, 500)
         if body.get("unload_models") or body.get("free_memory"):
             with self._qlock:
                 if self._running or self._queue:
                     self._free_pending = True
                 else:
-                    self.unload()
+                    threading.Timer(self.free_delay_s * self.time_scale, self.unload).start()
         return Reply(200, b"")
+
+    def unload(self) -> int:
+        with self._model_lock:
+            freed = self.gpu.free(self.name)
+            if freed and self.residue_mib:
+                self.gpu.allocate(self.name + "-cache", self.residue_mib)
+            return freed
+
+    def ensure_loaded(self) -> None:
+        with self._model_lock:
+            if not self.loaded:
+                self.gpu.free(self.name + "-cache")      # the cache is reused by the model
+                self.gpu.allocate(self.name, self.resident_mib)
+                self.sleep(self.load_s)
 
 
 @dataclass
