@@ -548,8 +548,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         "type", "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
         "unload", "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s",
         "pids_from", "upstream_allow", "loaded_from"))
-    kind = r.string(node, "type", path, "generic", TYPES)
-    node = with_preset({**node, "type": kind})
+    preset = r.string(node, "type", path, "generic", TYPES)
+    node = with_preset({**node, "type": preset})
     url = r.url(node, "url", path)
     health = r.upstream_path(node, "health", path, "/")
     paths = node.get("paths", {})
@@ -592,7 +592,7 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         upstream_allow=(None if node.get("upstream_allow") is None else _read_gpu_routes(
             r, node.get("upstream_allow"), f"{path}.upstream_allow", None)),
         loaded_from=_read_models_from(r, node.get("loaded_from"), f"{path}.loaded_from"),
-        type=kind)
+        type=preset)
     if url is None or resident is None:
         return None
     return ConsumerConfig(

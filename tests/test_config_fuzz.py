@@ -4,6 +4,7 @@ shipped config."""
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,8 +88,8 @@ i: &bomb [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
                  "consumers.comfyui.busy.path", id="busy-path-null"),
     pytest.param(SHIPPED + "\nconsumers:\n  x: {url: 'http://127.0.0.1:1', vram_resident_mib: 1}\n",
                  "duplicate key", id="duplicate-top-level-key"),
-    pytest.param(SHIPPED.replace("  comfyui:\n", "  comfyui: {url: 'http://h:1', "
-                                 "vram_resident_mib: 1}\n  comfyui:\n", 1),
+    pytest.param(re.sub(r"^  comfyui:", "  comfyui: {url: 'http://h:1', vram_resident_mib: 1}"
+                        "\n  comfyui:", SHIPPED, count=1, flags=re.M),
                  "duplicate key 'comfyui'", id="duplicate-consumer"),
     pytest.param(mutated(**{"health.timeout_s": float("nan")}), "health.timeout_s", id="nan"),
     pytest.param(mutated(**{"health.timeout_s": float("inf")}), "health.timeout_s", id="inf"),

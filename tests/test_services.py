@@ -1,0 +1,130 @@
+"""The real services' ways, through presets: ollama unloaded model by model,
+whisper.cpp stopped and started by commands, ComfyUI's late /free, and the
+services' own client libraries talking through /upstream/."""
+
+import sys
+
+import ollama
+import openai
+import pytest
+import requests
+
+from conftest import deep_merge, sim_config
+from mgpumanager.config import parse_config
+
+
+def preset_config(sim, echo=None) -> dict:
+    """The tests' layout with each consumer described by its type."""
+    cfg = sim_config(sim, echo)
+    c = cfg["consumers"]
+    c["ollama"] = {"type": "ollama", "url": sim.ollama.url, "paths": {"llm": "/api/generate"},
+                   "vram_resident_mib": 8000}
+    c["comfyui"] = {"type": "comfyui", "url": sim.comfyui.url, "paths": {"image": "/prompt"},
+                    "vram_resident_mib": 13500}
+    stop = f"import urllib.request as u; u.urlopen(u.Request('{sim.whisper.url}/sim/stop', method='POST'))"
+    start = stop.replace("/sim/stop", "/sim/start")
+    c["whisper"] = {"type": "whisper.cpp", "url": sim.whisper.url, "paths": {"stt": "/inference"},
+                    "vram_resident_mib": 1800, "can_coexist_with": ["mvoice"],
+                    "unload": {"command": [sys.executable, "-c", stop], "timeout_s": 10},
+                    "load": {"command": [sys.executable, "-c", start], "timeout_s": 10}}
+    return cfg
+
+
+BASE = {"routes": {"llm": "x"}, "consumers": {"x": {"url": "http://127.0.0.1:1",
+                                                   "vram_resident_mib": 1,
+                                                   "paths": {"llm": "/api/generate"}}}}
+
+
+@pytest.mark.parametrize("kind,check", [
+    ("ollama", lambda c: c.unload.for_each.path == "/api/ps" and c.unload.until_empty
+     and c.loaded_from.vram_bytes == "size_vram" and not c.is_gpu_route("POST", "/api/pull")
+     and c.is_gpu_route("POST", "/api/chat") and not c.vram_managed),
+    ("comfyui", lambda c: c.unload.path == "/free" and c.busy.path == "/queue"
+     and c.is_gpu_route("POST", "/api/prompt") and c.health == "/system_stats"),
+    ("whisper.cpp", lambda c: c.unload is None and c.is_gpu_route("POST", "/inference")),
+    ("llama.cpp", lambda c: c.unload.path == "/models/unload" and c.unload.for_each.list == "data"),
+    ("vllm", lambda c: c.unload.path == "/sleep?level=1" and c.load.path == "/wake_up"),
+    ("openai", lambda c: c.health == "/v1/models"
+     and c.is_gpu_route("POST", "/v1/chat/completions") and not c.is_gpu_route("GET", "/v1/models")),
+    ("generic", lambda c: c.unload is None and c.is_gpu_route("PUT", "/x")),
+])
+def test_a_type_fills_in_the_services_defaults(kind, check):
+    cfg = parse_config(deep_merge(BASE, {"consumers": {"x": {"type": kind}}}))
+    assert check(cfg.consumers["x"]), cfg.consumers["x"]
+
+
+def test_the_configs_own_keys_replace_the_presets():
+    cfg = parse_config(deep_merge(BASE, {"consumers": {"x": {
+        "type": "comfyui", "health": "/ping", "unload": {"command": ["true"]}}}}))
+    c = cfg.consumers["x"]
+    assert c.health == "/ping" and c.unload.command == ("true",) and c.busy.path == "/queue"
+
+
+def test_ollama_is_unloaded_model_by_model_to_make_room(broker_with, sim, start_broker):
+    b = start_broker(preset_config(sim))
+    b.wait_healthy("ollama", "comfyui", "mvoice", "whisper")
+    assert requests.post(b.url + "/v1/llm", json={"model": "sim:latest", "prompt": "hi",
+                                                  "stream": False}).ok
+    assert sim.ollama.loaded and b.status()["consumers"]["ollama"]["loaded"] is True
+    # 24576 MiB: ollama's 8000 and ComfyUI's 13500 (+ cushion) do not fit beside mvoice's.
+    assert requests.post(b.url + "/v1/tts", json={"text": "hi"}).ok
+    assert requests.post(b.url + "/v1/image", json={"prompt": {"1": {}}}).ok
+    unloads = [s for s in sim.ollama.requests_to("/api/generate") if s.body_bytes]
+    assert not sim.ollama.loaded and sim.gpu.ooms == 0
+    events = requests.get(b.url + "/v1/events").json()["events"]
+    assert any(e["type"] == "evicted" and e["consumer"] == "ollama" for e in events)
+    assert unloads, "ollama was asked to unload through /api/generate with keep_alive 0"
+
+
+def test_whisper_is_stopped_and_started_by_its_commands(sim, start_broker):
+    cfg = preset_config(sim)
+    b = start_broker(cfg)
+    b.wait_healthy("whisper", "comfyui")
+    r = requests.post(b.url + "/v1/consumers/whisper/unload")
+    assert r.status_code == 200, r.text
+    assert not sim.whisper.loaded and sim.whisper.requests_to("/sim/stop")
+    r = requests.post(b.url + "/v1/consumers/whisper/load")
+    assert r.status_code == 200 and sim.whisper.loaded and sim.whisper.requests_to("/sim/start")
+    log = b.log()
+    assert "exited 0" in log
+
+
+def test_a_failing_command_is_an_unload_failure_with_its_output(sim, start_broker):
+    cfg = preset_config(sim)
+    cfg["consumers"]["whisper"]["unload"] = {"command": [sys.executable, "-c",
+                                                         "import sys; sys.exit('no such unit')"]}
+    b = start_broker(cfg)
+    r = requests.post(b.url + "/v1/consumers/whisper/unload")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "unload_failed"
+    assert "exited 1" in r.json()["error"]["message"] and "no such unit" in r.json()["error"]["message"]
+
+
+def test_the_ollama_client_works_through_upstream(sim, start_broker):
+    b = start_broker(preset_config(sim))
+    b.wait_healthy("ollama")
+    client = ollama.Client(host=b.url + "/upstream/ollama")
+    parts = [p["response"] for p in client.generate(model="sim:latest", prompt="hi", stream=True)]
+    assert len(parts) == 13 and parts[0] == "tok0 "
+    assert [m.model for m in client.ps().models] == ["sim:latest"]
+    assert client.list().models
+    assert [j.kind for j in sim.gpu.jobs] == ["llm"]
+    client._client.close()
+
+
+def test_the_openai_sdk_streams_through_upstream_with_sse_comments_intact(sim, start_broker):
+    b = start_broker(preset_config(sim))
+    b.wait_healthy("ollama")
+    client = openai.OpenAI(base_url=b.url + "/upstream/ollama/v1", api_key="unused",
+                           max_retries=0)
+    stream = client.chat.completions.create(model="sim:latest", stream=True, max_tokens=4,
+                                            messages=[{"role": "user", "content": "hi"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    stream.close()
+    assert text == "tok0 tok1 tok2 tok3 "
+    with requests.post(b.url + "/upstream/ollama/v1/chat/completions", stream=True,
+                       json={"model": "m", "stream": True, "max_tokens": 1,
+                             "messages": [{"role": "user", "content": "x"}]}) as r:
+        raw = r.raw.read()
+    assert raw.startswith(b": keep-alive\n\n") and raw.endswith(b"data: [DONE]\n\n")
+    assert [m.id for m in client.models.list()] == ["sim:latest"]
+    client.close()
