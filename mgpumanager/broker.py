@@ -41,6 +41,10 @@ from .proxy import UpstreamPool
 log = logging.getLogger("mgpumanager.broker")
 job_log = logging.getLogger("mgpumanager.jobs")
 
+# How long to wait for the memory of a victim that was only possibly
+# loaded: if it held nothing, nothing will show.
+UNSURE_SETTLE_S = 1.5
+
 # Seconds: the bucket bounds of the wait and run time histograms.
 TIME_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -455,8 +459,13 @@ class Broker:
                                     job.lease):
                     failed.add(victim)
                 elif self.reader.live:
+                    # A victim only possibly loaded may have had nothing to
+                    # free: wait less for its memory to show.
+                    settle_s = self.config.scheduler.evict_settle_s
+                    if views[victim].loaded is not True:
+                        settle_s = min(settle_s, UNSURE_SETTLE_S)
                     self._settle(reading.free_mib, views[victim].resident_mib, plan.need_mib,
-                                 deadline)
+                                 min(deadline, self.clock() + settle_s))
                 continue
             # Nothing more may be evicted: wait for VRAM to come free (ollama
             # expires its own models) until the job's queue deadline.

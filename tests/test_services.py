@@ -8,8 +8,9 @@ import ollama
 import openai
 import pytest
 import requests
+import yaml
 
-from conftest import deep_merge, sim_config
+from conftest import ROOT, deep_merge, sim_config
 from mgpumanager.config import parse_config
 
 
@@ -128,3 +129,14 @@ def test_the_openai_sdk_streams_through_upstream_with_sse_comments_intact(sim, s
     assert raw.startswith(b": keep-alive\n\n") and raw.endswith(b"data: [DONE]\n\n")
     assert [m.id for m in client.models.list()] == ["sim:latest"]
     client.close()
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "etc" / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_each_example_is_a_valid_addition_to_the_shipped_config(example):
+    base = yaml.safe_load((ROOT / "etc" / "consumers.yaml").read_text())
+    extra = yaml.safe_load(example.read_text())
+    base["consumers"].update(extra["consumers"])
+    base["routes"].update(extra["routes"])
+    cfg = parse_config(base, str(example))
+    assert set(extra["consumers"]) <= set(cfg.consumers)
