@@ -104,12 +104,9 @@ class BrokerWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
     def _on_head_bytes(self, conn: BrokerConn, sock) -> None:
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             conn.head += data
             limit = self.cfg.limit_request_line + self.cfg.limit_request_field_size * (
@@ -165,12 +162,9 @@ class BrokerWorker(ThreadWorker):
         self.lingering.append((time.monotonic() + LINGER_S, sock))
 
     def _drain(self, drained: list, sock) -> None:
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         drained[0] += len(data)
         if not data or drained[0] >= LINGER_MAX_BYTES:
             self._end_linger(sock)
@@ -198,6 +192,17 @@ class BrokerWorker(ThreadWorker):
         finally:
             for _, sock in list(self.lingering):
                 _close(sock)
+
+
+def _recv(sock) -> bytes | None:
+    """What a non-blocking socket has: bytes, b"" at its end (or on an error),
+    None if nothing yet."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _close(sock) -> None:

@@ -37,6 +37,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def read_until_closed(sock, enough=lambda data: False) -> bytes:
+    """What the peer sends until it closes, resets, times out, or ``enough(data)``."""
+    data = b""
+    while not enough(data):
+        try:
+            more = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not more:
+            break
+        data += more
+    return data
+
+
 def raw_exchange(port: int, request: bytes, *, half_close: bool = False,
                  timeout_s: float = 10) -> bytes:
     """Send raw request bytes and read until the broker closes (or the timeout)."""
@@ -44,16 +65,7 @@ def raw_exchange(port: int, request: bytes, *, half_close: bool = False,
         s.sendall(request)
         if half_close:
             s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            try:
-                more = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not more:
-                break
-            data += more
-    return data
+        return read_until_closed(s)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

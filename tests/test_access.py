@@ -8,17 +8,8 @@ import pytest
 
 from mgpumanager.app import create_app
 from mgpumanager.config import parse_config
-from mgpumanager.sim.echo import EchoServer
 
 TOKEN = "s3cret-token-of-some-length"
-
-
-@pytest.fixture
-def echo():
-    server = EchoServer().start()
-    yield server
-    server.release.set()
-    server.stop()
 
 
 def config(echo_url="http://127.0.0.1:9", **server):

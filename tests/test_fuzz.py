@@ -15,6 +15,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import read_until_closed
+
 DEADLINE_S = 2          # scheduler.job_timeout_s of the broker under test
 GRACE_S = 2.5           # the watchdog's grace, and some
 
@@ -93,20 +95,9 @@ def play(port, request: bytes, behaviour: str, cut_at: int) -> bytes:
         s.sendall(request)
         if behaviour == "half-close":
             s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            try:
-                more = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not more:
-                break
-            data += more
-            if behaviour == "hang-up-reading" and len(data) >= cut_at:
-                break
-            if b"\r\n\r\n" in data and _complete(data):
-                break
-    return data
+        return read_until_closed(s, lambda data: (
+            (behaviour == "hang-up-reading" and len(data) >= cut_at)
+            or (b"\r\n\r\n" in data and _complete(data))))
 
 
 def _complete(data: bytes) -> bool:

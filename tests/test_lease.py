@@ -10,16 +10,11 @@ import time
 import pytest
 import requests
 
-from conftest import raw_exchange
+from conftest import raw_exchange, wait_until
 
 FAST = {"scheduler": {"job_timeout_s": 10}, "proxy": {"client_timeout_s": 1}}
 
 
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def gpu_is_free(broker) -> bool:

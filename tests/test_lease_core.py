@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from conftest import wait_until
+
 from mgpumanager.broker import Broker
 from mgpumanager.config import parse_config, route_forms
 from mgpumanager.errors import UpstreamBadResponse
@@ -16,11 +18,6 @@ from mgpumanager.proxy import response_headers, status_line
 from urllib3 import HTTPHeaderDict
 
 
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -8,16 +8,11 @@ import time
 
 import requests
 
-from conftest import sim_config
+from conftest import sim_config, wait_until
 
 TTS = {"json": {"text": "hi"}}
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def status_time(b) -> float:

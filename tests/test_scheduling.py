@@ -6,13 +6,10 @@ import time
 
 import requests
 
+from conftest import wait_until
 
 
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+
 
 
 def queued_depth(broker) -> int:
