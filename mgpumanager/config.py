@@ -105,6 +105,24 @@ class ModelsFrom:
 
 
 @dataclass(frozen=True)
+class FreeVram:
+    """Where a service reports its device's free VRAM in bytes: GET ``path``,
+    the number at the dotted ``key`` (``devices.0.vram_free``)."""
+    path: str
+    key: str
+
+    def read(self, body: Any) -> int | None:
+        for part in self.key.split("."):
+            if isinstance(body, list) and part.isdigit() and int(part) < len(body):
+                body = body[int(part)]
+            elif isinstance(body, dict):
+                body = body.get(part)
+            else:
+                return None
+        return body if isinstance(body, int) and not isinstance(body, bool) else None
+
+
+@dataclass(frozen=True)
 class Call:
     """A load or unload action: a route (``{method: POST, path: /free, json:
     {...}}``), once or ``for_each`` loaded model (``"{model}"`` in the JSON is
@@ -117,6 +135,7 @@ class Call:
     command: tuple[str, ...] | None = None
     for_each: ModelsFrom | None = None
     until_empty: bool = False
+    until_freed: FreeVram | None = None   # then poll the service's own free VRAM until it rises
 
     def describe(self) -> str:
         return " ".join(self.command) if self.command else f"{self.method} {self.path}"
@@ -412,7 +431,7 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
         r.problem(path, "a mapping like {method: POST, path: /api/unload}", node)
         return None
     node = r.section(node, path, ("method", "path", "json", "timeout_s", "command", "for_each",
-                                  "until_empty"))
+                                  "until_empty", "until_freed"))
     method = r.string(node, "method", path, default_method, HTTP_METHODS)
     timeout = r.seconds(node, "timeout_s", path, 60.0)
     command = node.get("command")
@@ -433,8 +452,15 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
         r.problem(f"{path}.until_empty", "only with for_each (the list it waits to be empty)")
     if upath is None:
         return None
+    until_freed = None
+    freed = node.get("until_freed")
+    if freed is not None:
+        freed = r.section(freed, f"{path}.until_freed", ("path", "key"))
+        fpath = r.upstream_path(freed, "path", f"{path}.until_freed", None, required=True)
+        fkey = r.string(freed, "key", f"{path}.until_freed", None, required=True)
+        until_freed = FreeVram(fpath, fkey) if fpath and fkey else None
     return Call(method=method, path=upath, json=node.get("json"), timeout_s=timeout,
-                for_each=for_each, until_empty=until_empty)
+                for_each=for_each, until_empty=until_empty, until_freed=until_freed)
 
 
 def _read_models_from(r: _Reader, node: Any, path: str) -> ModelsFrom | None:

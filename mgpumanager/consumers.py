@@ -26,6 +26,9 @@ from .proxy import describe
 
 log = logging.getLogger("mgpumanager.consumers")
 
+# How long an unload waits for the service's own account of free VRAM.
+UNLOAD_SETTLE_S = 10.0
+
 
 @dataclass(frozen=True)
 class HealthResult:
@@ -112,6 +115,8 @@ class HttpActions:
             return run_command(c.name, call.command, timeout)
         deadline = time.monotonic() + timeout
         try:
+            if call.until_freed is not None:
+                return self._route_until_freed(c, call, timeout)
             if call.for_each is None:
                 return self._route(c, call, call.json, timeout)
             for model in self.models(c, call.for_each, timeout):
@@ -127,6 +132,33 @@ class HttpActions:
             return None
         except BrokerError as e:
             return f"{call.describe()}: {e.message}"
+
+    def _route_until_freed(self, c: ConsumerConfig, call: Call, timeout: float) -> str | None:
+        """The route, then its own account of free VRAM polled until half of
+        the consumer's size has come back (ComfyUI's /free answers at once and
+        frees later). Bounded by UNLOAD_SETTLE_S: a consumer that held
+        nothing frees nothing."""
+        before = self._free_vram(c, call.until_freed, timeout)
+        error = self._route(c, call, call.json, timeout)
+        if error or before is None:
+            return error
+        until = time.monotonic() + min(timeout, UNLOAD_SETTLE_S)
+        want = before + c.vram_resident_mib * 1024 * 1024 // 2
+        while time.monotonic() < until:
+            now = self._free_vram(c, call.until_freed, timeout)
+            if now is None or now >= want:
+                return None
+            time.sleep(0.1)
+        log.info("%s: %s did not show half its VRAM back within %g s", c.name,
+                 call.until_freed.path, UNLOAD_SETTLE_S)
+        return None
+
+    def _free_vram(self, c: ConsumerConfig, where, timeout: float) -> int | None:
+        try:
+            with self._send("GET", c, where.path, timeout) as r:
+                return where.read(r.json()) if r.status_code == 200 else None
+        except (BrokerError, ValueError):
+            return None
 
     def _route(self, c: ConsumerConfig, call: Call, body, timeout: float) -> str | None:
         with self._send(call.method, c, call.path, timeout, body) as r:

@@ -9,8 +9,9 @@ mapping is taken as given, not merged).
   until it is empty. Only generate, chat and embed(dings) are GPU jobs
   (an ``ollama pull`` through /upstream/ is a download, not a GPU job).
 - comfyui: ``POST /free`` with ``{"unload_models": true, "free_memory":
-  true}`` (it answers at once and frees later: the broker waits for the
-  reading to show the memory back); after ``/prompt`` it renders, so the
+  true}`` (it answers at once and frees later: the broker waits until its
+  own ``/system_stats`` shows the memory back, as well as the reading);
+  after ``/prompt`` it renders, so the
   GPU is held until ``/queue`` is empty; every route is served under
   ``/api/`` too.
 - whisper.cpp: its server has no unload route. Freeing its VRAM means
@@ -54,7 +55,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "comfyui": {
         "health": "/system_stats",
         "unload": {"method": "POST", "path": "/free",
-                   "json": {"unload_models": True, "free_memory": True}},
+                   "json": {"unload_models": True, "free_memory": True},
+                   "until_freed": {"path": "/system_stats", "key": "devices.0.vram_free"}},
         "busy": {"path": "/queue", "keys": ["queue_running", "queue_pending"]},
         "gpu_routes": ["POST /prompt", "POST /api/prompt"],
     },

@@ -140,3 +140,23 @@ def test_each_example_is_a_valid_addition_to_the_shipped_config(example):
     base["routes"].update(extra["routes"])
     cfg = parse_config(base, str(example))
     assert set(extra["consumers"]) <= set(cfg.consumers)
+
+
+def test_comfyuis_late_free_is_waited_for_behind_a_ledger(start_broker):
+    from mgpumanager.sim import start_cluster
+    sim = start_cluster(16000, time_scale=0.1)     # ComfyUI and mvoice do not fit together
+    try:
+        sim.comfyui.free_delay_s = 5.0             # frees 0.5 s after /free answered
+        cfg = preset_config(sim)
+        cfg["gpu"] = {"backend": "ledger", "total_mib": 16000, "cushion_mib": 0}
+        cfg["consumers"] = {n: cfg["consumers"][n] for n in ("mvoice", "comfyui")}
+        cfg["consumers"]["mvoice"]["can_coexist_with"] = []
+        cfg["routes"] = {"tts": "mvoice", "image": "comfyui"}
+        b = start_broker(cfg)
+        b.wait_healthy("mvoice", "comfyui")
+        for kind, payload in [("image", {"prompt": {"1": {}}}), ("tts", {"text": "hi"})] * 2:
+            assert requests.post(f"{b.url}/v1/{kind}", json=payload, timeout=30).ok
+        assert sim.gpu.ooms == 0, sim.gpu.oom_log
+        assert len(sim.comfyui.requests_to("/system_stats")) > 2     # it was watched
+    finally:
+        sim.stop()
