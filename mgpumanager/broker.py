@@ -152,6 +152,8 @@ class Broker:
         self.oslock = OsLock(config.scheduler.lock_file or default_lock_file())
         self._stop = threading.Event()
         self.shutting_down = False
+        self._shutdown_requested = threading.Event()
+        self._graceful_deadline = 0.0
         self._stats_lock = threading.Lock()
         # Guarded by _stats_lock:
         self._total_jobs = 0
@@ -174,6 +176,7 @@ class Broker:
     def start(self) -> None:
         self.sampler.start()
         self.health.start()
+        threading.Thread(target=self._shutdown_watcher, name="shutdown", daemon=True).start()
         if any(c.idle_unload_s for c in self.config.consumers.values()):
             threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True).start()
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
@@ -184,9 +187,17 @@ class Broker:
         ``graceful_deadline`` (time.monotonic()). The running job and the
         queue go on in order until shortly before it; then every job still
         queued is answered 503 shutting_down, so no client is left without
-        an answer. Safe to call from a signal handler: it only starts a thread."""
-        threading.Thread(target=self._shut_down, args=(graceful_deadline,), daemon=True,
-                         name="shutdown").start()
+        an answer. Called from a signal handler: it only sets an event that
+        a thread started with the broker waits on (starting a thread here
+        could deadlock on threading's own locks)."""
+        self._graceful_deadline = graceful_deadline
+        self._shutdown_requested.set()
+
+    def _shutdown_watcher(self) -> None:
+        self._shutdown_requested.wait()
+        if self._stop.is_set():
+            return
+        self._shut_down(self._graceful_deadline)
 
     def _shut_down(self, graceful_deadline: float) -> None:
         left = graceful_deadline - time.monotonic()
@@ -201,6 +212,7 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._shutdown_requested.set()
         self.sampler.stop()
         self.health.stop()
         self.reader.close()

@@ -522,6 +522,15 @@ def _read_strings(r: _Reader, node: Any, path: str, expected: str) -> tuple[str,
     return tuple(x.strip().lower().rstrip("/") for x in node)
 
 
+def _read_lock_file(r: _Reader, q: dict) -> str | None:
+    value = r.string(q, "lock_file", "scheduler", None)
+    if value is not None and (not value.startswith("/") or "\0" in value
+                              or value.endswith("/") or os.path.isdir(value)):
+        r.problem("scheduler.lock_file", "an absolute path to a file (not a directory)", value)
+        return None
+    return value
+
+
 def _read_token(r: _Reader, s: dict) -> str | None:
     if "auth_token" in s and "auth_token_file" in s:
         r.problem("server.auth_token_file", "only one of auth_token and auth_token_file")
@@ -540,9 +549,10 @@ def _read_token(r: _Reader, s: dict) -> str | None:
             return None
     else:
         return None
-    if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
+    if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable()
+                              or " " in token):
         r.problem("server.auth_token" if "auth_token" in s else "server.auth_token_file",
-                  "a token of at least 16 printable characters without spaces")
+                  "a token of at least 16 printable ASCII characters without spaces")
         return None
     return token
 
@@ -689,7 +699,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         evict_settle_s=r.seconds(q, "evict_settle_s", "scheduler", d.evict_settle_s, positive=False),
         job_timeout_s=r.seconds(q, "job_timeout_s", "scheduler", d.job_timeout_s),
         busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s),
-        lock_file=r.string(q, "lock_file", "scheduler", None),
+        lock_file=_read_lock_file(r, q),
         load_failures_to_cooldown=r.integer(q, "load_failures_to_cooldown", "scheduler",
                                             d.load_failures_to_cooldown, 1, maximum=1000),
         load_cooldown_s=r.seconds(q, "load_cooldown_s", "scheduler", d.load_cooldown_s),

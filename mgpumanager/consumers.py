@@ -9,7 +9,10 @@ scheduler can be unit-tested against a fake that records what it was asked.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -119,15 +122,17 @@ class HttpActions:
                 return self._route_until_freed(c, call, timeout)
             if call.for_each is None:
                 return self._route(c, call, call.json, timeout)
-            for model in self.models(c, call.for_each, timeout):
+            def left() -> float:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerError(f"not done within {timeout:g} s", consumer=c.name)
+                return remaining
+            for model in self.models(c, call.for_each, left()):
                 name = model.get(call.for_each.name) if isinstance(model, dict) else model
-                error = self._route(c, call, _fill(call.json, str(name)),
-                                    max(0.1, deadline - time.monotonic()))
+                error = self._route(c, call, _fill(call.json, str(name)), left())
                 if error:
                     return error
-            while call.until_empty and self.models(c, call.for_each, timeout):
-                if time.monotonic() >= deadline:
-                    return f"{call.describe()}: {call.for_each.path} still lists models"
+            while call.until_empty and self.models(c, call.for_each, left()):
                 time.sleep(0.1)
             return None
         except BrokerError as e:
@@ -194,21 +199,36 @@ def _fill(template, model: str):
 
 def run_command(name: str, argv: tuple[str, ...], timeout_s: float) -> str | None:
     """Run a load or unload command without a shell; None if it exited 0.
-    Its exit status and output are logged either way."""
-    try:
-        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
-                             stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        log.warning("%s: %s did not finish within %g s", name, " ".join(argv), timeout_s)
-        return f"{' '.join(argv)}: no exit within {timeout_s:g} s"
-    except OSError as e:
-        log.warning("%s: %s could not run: %s", name, " ".join(argv), e)
-        return f"{' '.join(argv)}: {e.strerror or e}"
-    tail = (out.stdout + out.stderr).strip()[-300:]
-    log.info("%s: %s exited %d%s", name, " ".join(argv), out.returncode,
-             f": {tail}" if tail else "")
-    if out.returncode != 0:
-        return f"{' '.join(argv)} exited {out.returncode}: {tail[-200:]}"
+
+    Its output goes to a temporary file (a chatty command cannot fill the
+    broker's memory) and the last of it is logged with the exit status. It
+    runs in a process group of its own, killed whole at the timeout, so a
+    child it started cannot outlive it.
+    """
+    what = " ".join(argv)
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            log.warning("%s: %s could not run: %s", name, what, e)
+            return f"{what}: {e.strerror or e}"
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+            log.warning("%s: %s did not finish within %g s; killed", name, what, timeout_s)
+            return f"{what}: no exit within {timeout_s:g} s"
+        size = out.seek(0, os.SEEK_END)
+        out.seek(max(0, size - 2000))
+        tail = out.read().decode("utf-8", "replace").strip()[-300:]
+    log.info("%s: %s exited %d%s", name, what, code, f": {tail}" if tail else "")
+    if code != 0:
+        return f"{what} exited {code}: {tail[-200:]}"
     return None
 
 

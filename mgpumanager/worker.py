@@ -32,7 +32,14 @@ from functools import partial
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-HEAD_END = b"\r\n\r\n"
+HEAD_ENDS = (b"\r\n\r\n", b"\n\n")    # a bare-LF head goes to gunicorn, which answers 400
+# A real client's request head is a few KiB; a longer one is refused here
+# (431) rather than gathered into memory or handed to a thread.
+HEAD_MAX_BYTES = 64 * 1024
+_TOO_LARGE_BODY = b'{"error": {"code": "bad_request", "message": "the request head is over 64 KiB"}}\n'
+TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+             % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY))
 LINGER_S = 2.0                  # as gunicorn's close_graceful
 LINGER_MAX_BYTES = 65536
 
@@ -77,6 +84,12 @@ class BrokerWorker(ThreadWorker):
         try:
             client_sock, client_addr = listener.accept()
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: leave the connection in the backlog
+                # rather than die; the ones we hold will close.
+                self.log.warning("cannot accept a connection now: %s", e)
+                time.sleep(0.05)
+                return
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -108,10 +121,19 @@ class BrokerWorker(ThreadWorker):
         if data is None:
             return
         if data:
+            start = max(0, len(conn.head) - 3)      # only the new bytes can end the head
             conn.head += data
-            limit = self.cfg.limit_request_line + self.cfg.limit_request_field_size * (
-                self.cfg.limit_request_fields + 1)
-            if HEAD_END not in conn.head and len(conn.head) <= limit:
+            complete = any(conn.head.find(end, start) >= 0 for end in HEAD_ENDS)
+            if not complete and len(conn.head) <= HEAD_MAX_BYTES:
+                return
+            if not complete:
+                self._stop_gathering(conn)
+                try:
+                    sock.send(TOO_LARGE)
+                except OSError:
+                    pass
+                self.nr_conns -= 1
+                conn.close()
                 return
         self._stop_gathering(conn)
         if not data:
@@ -151,7 +173,8 @@ class BrokerWorker(ThreadWorker):
 
     def linger(self, sock) -> None:
         """Half-close, let the client's remaining bytes drain on the event
-        loop, close on its end of file or after LINGER_S (RFC 9112 9.6)."""
+        loop, close on its end of file or after LINGER_S (RFC 9112 9.6).
+        A lingering socket still counts against worker_connections."""
         try:
             sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)
@@ -159,6 +182,7 @@ class BrokerWorker(ThreadWorker):
         except (OSError, ValueError, KeyError):
             _close(sock)
             return
+        self.nr_conns += 1
         self.lingering.append((time.monotonic() + LINGER_S, sock))
 
     def _drain(self, drained: list, sock) -> None:
@@ -175,6 +199,7 @@ class BrokerWorker(ThreadWorker):
         except (KeyError, ValueError, OSError):
             pass
         self.lingering = deque(item for item in self.lingering if item[1] is not sock)
+        self.nr_conns -= 1
         _close(sock)
 
     # -- 3. a stop that answers everyone ---------------------------------------

@@ -45,6 +45,20 @@ def test_only_known_host_names_are_answered(host, ok):
         assert r.json["error"]["code"] == "bad_request" and "allowed_hosts" in r.json["error"]["message"]
 
 
+def test_on_a_unix_socket_only_localhost_and_listed_hosts_are_answered():
+    import socket
+    _, c = client(config(allowed_hosts=["gpu.lan"]))
+    a, b = socket.socketpair(socket.AF_UNIX)
+    try:
+        for host, status in (("evil.example", 400), ("localhost", 200), ("gpu.lan", 200)):
+            r = c.get("/v1/status", headers={"Host": host},
+                      environ_overrides={"gunicorn.socket": a, "SERVER_NAME": host})
+            assert r.status_code == status, host
+    finally:
+        a.close()
+        b.close()
+
+
 def test_healthz_answers_any_host():
     _, c = client(config())
     assert c.get("/healthz", headers={"Host": "rebound.example"}).status_code == 200

@@ -107,6 +107,10 @@ i: &bomb [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
     pytest.param(mutated(**{"consumers.whisper.idle_unload_s": 60}),
                  "consumers.whisper.idle_unload_s", id="idle-unload-without-an-unload-route"),
     pytest.param("- a\n- b\n", "(top level)", id="top-level-not-a-mapping"),
+    pytest.param(mutated(**{"scheduler.lock_file": "/"}), "scheduler.lock_file",
+                 id="lock-file-a-directory"),
+    pytest.param(mutated(**{"scheduler.lock_file": "/tmp/x\0y"}), "scheduler.lock_file",
+                 id="lock-file-with-a-nul"),
     pytest.param('server: {bind: "' + "x" * 4_000_000 + '"}\n', "1 MiB", id="a-4-MB-document"),
 ])
 def test_a_bad_config_is_refused_with_its_key_path(tmp_path, text, expected):

@@ -50,6 +50,17 @@ def test_an_incomplete_head_is_closed_after_client_timeout_s(broker_with):
     s.close()
 
 
+def test_a_bare_lf_head_is_answered_400_at_once_and_a_huge_one_431(broker_with):
+    from conftest import raw_exchange
+    b = broker_with()
+    t0 = time.monotonic()
+    assert raw_exchange(b.port, b"GET /healthz HTTP/1.0\n\n").startswith(b"HTTP/1.1 400")
+    assert time.monotonic() - t0 < 3
+    huge = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-Pad: " + b"p" * 70_000
+    assert raw_exchange(b.port, huge).startswith(b"HTTP/1.1 431")
+    assert status_time(b) < 1.0
+
+
 def test_clients_that_linger_after_connection_close_do_not_stall_others(broker_with):
     b = broker_with()
     lingering = []

@@ -3,6 +3,7 @@ whisper.cpp stopped and started by commands, ComfyUI's late /free, and the
 services' own client libraries talking through /upstream/."""
 
 import sys
+import time
 
 import ollama
 import openai
@@ -98,6 +99,19 @@ def test_a_failing_command_is_an_unload_failure_with_its_output(sim, start_broke
     r = requests.post(b.url + "/v1/consumers/whisper/unload")
     assert r.status_code == 502 and r.json()["error"]["code"] == "unload_failed"
     assert "exited 1" in r.json()["error"]["message"] and "no such unit" in r.json()["error"]["message"]
+
+
+def test_a_chatty_or_hanging_command_is_bounded_in_memory_and_time():
+    from mgpumanager.consumers import run_command
+    t0 = time.monotonic()
+    error = run_command("x", (sys.executable, "-c",
+                              "import sys, time\n"
+                              "sys.stdout.buffer.write(b'\\xff' * 10_000_000)\n"
+                              "sys.stdout.flush(); time.sleep(30)"), 1.0)
+    assert "no exit within 1 s" in error and time.monotonic() - t0 < 5
+    error = run_command("x", (sys.executable, "-c",
+                              "import sys; sys.stdout.buffer.write(b'\\xff done'); sys.exit(3)"), 5)
+    assert error.endswith("exited 3: \ufffd done")
 
 
 def test_the_ollama_client_works_through_upstream(sim, start_broker):
