@@ -154,6 +154,7 @@ class Broker:
         self.shutting_down = False
         self._shutdown_requested = threading.Event()
         self._graceful_deadline = 0.0
+        self._shutdown_first: Callable[[], None] | None = None
         self._stats_lock = threading.Lock()
         # Guarded by _stats_lock:
         self._total_jobs = 0
@@ -182,7 +183,8 @@ class Broker:
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
                         f"GPU reading from {self.reader.source}")
 
-    def begin_shutdown(self, graceful_deadline: float) -> None:
+    def begin_shutdown(self, graceful_deadline: float,
+                       first: Callable[[], None] | None = None) -> None:
         """The worker is stopping (SIGTERM) and will be ended at
         ``graceful_deadline`` (time.monotonic()). The running job and the
         queue go on in order until shortly before it; then every job still
@@ -191,12 +193,18 @@ class Broker:
         a thread started with the broker waits on (starting a thread here
         could deadlock on threading's own locks)."""
         self._graceful_deadline = graceful_deadline
+        self._shutdown_first = first
         self._shutdown_requested.set()
 
     def _shutdown_watcher(self) -> None:
         self._shutdown_requested.wait()
         if self._stop.is_set():
             return
+        if self._shutdown_first is not None:
+            try:
+                self._shutdown_first()
+            except Exception:
+                log.exception("stopping: refusing new connections failed")
         self._shut_down(self._graceful_deadline)
 
     def _shut_down(self, graceful_deadline: float) -> None:

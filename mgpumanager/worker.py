@@ -24,6 +24,7 @@ broker, and so that a stop loses nothing:
 from __future__ import annotations
 
 import errno
+import os
 import selectors
 import socket
 import time
@@ -208,8 +209,36 @@ class BrokerWorker(ThreadWorker):
         if self.alive:
             broker = self._broker()
             if broker is not None:
-                broker.begin_shutdown(time.monotonic() + self.cfg.graceful_timeout)
+                broker.begin_shutdown(time.monotonic() + self.cfg.graceful_timeout,
+                                      self.refuse_new_if_stopping)
         super().handle_exit(sig, frame)
+
+    def refuse_new_if_stopping(self) -> None:
+        """On a full stop, refuse new connections at once instead of leaving
+        them in the listen backlog until this worker exits.
+
+        A SIGTERM comes both when gunicorn stops and when a HUP retires this
+        worker; only on a stop has the master already closed its listening
+        sockets (gunicorn closes them before it signals the workers). While
+        the master still holds them, a new worker serves them: leave them be.
+        """
+        try:
+            ours = {os.fstat(s.fileno()).st_ino for s in self.sockets}
+            master = set()
+            for fd in os.listdir(f"/proc/{self.ppid}/fd"):
+                try:
+                    master.add(os.stat(f"/proc/{self.ppid}/fd/{fd}").st_ino)
+                except OSError:
+                    continue
+        except OSError:
+            return                        # cannot tell: keep gunicorn's behaviour
+        if ours & master:
+            return                        # a reload: the master keeps serving them
+        for s in self.sockets:
+            try:
+                s.sock.shutdown(socket.SHUT_RD)   # the backlog is reset, new SYNs refused
+            except (OSError, AttributeError):
+                pass
 
     def run(self):
         try:

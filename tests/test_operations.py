@@ -163,6 +163,17 @@ def test_sigterm_finishes_the_running_job_and_answers_the_queue(start_broker, si
     wait_until(lambda: b.status()["scheduler"]["queue_depth"] == 3, what="three queued jobs")
     t0 = time.monotonic()
     b.proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    with socket.socket() as late:     # a new connection is refused, not left in the backlog
+        late.settimeout(2)
+        t1 = time.monotonic()
+        try:
+            late.connect(("127.0.0.1", b.port))
+            late.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert late.recv(100) == b""
+        except (ConnectionRefusedError, ConnectionResetError):
+            pass
+        assert time.monotonic() - t1 < 1.5
     for t in threads:                 # the queue is refused 2 s before the 8 s are up
         t.join(15)
     refused_after = time.monotonic() - t0
