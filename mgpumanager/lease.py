@@ -29,7 +29,6 @@ log = logging.getLogger("mgpumanager.lease")
 CLIENT_GONE = "client gone"
 JOB_TIMEOUT = "job_timeout_s"
 UPSTREAM_BROKE = "upstream broke off"
-CLIENT_STALLED = "client stalled"
 
 # How long past its deadline a lease may stay held after it was cut, before
 # the watchdog releases it whatever its thread is doing: long enough for a
