@@ -104,9 +104,12 @@ class ProcessTable:
 class Attribution:
     """Gives each process's VRAM to the consumer whose processes it is.
 
-    Process sets are found again at most every ``refresh_s`` (a scan of
-    /proc costs milliseconds), and at once when a set came up empty.
+    Process sets are found again every ``refresh_s`` (a scan of /proc costs
+    milliseconds, more on a busy box, and every GPU job asks), and sooner,
+    but at most every ``retry_s``, while a set is empty (a service starting).
     """
+
+    retry_s = 1.0
 
     def __init__(self, sources: Mapping[str, PidsFrom], *, root: str = "/proc",
                  refresh_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
@@ -121,8 +124,9 @@ class Attribution:
     def pids(self) -> dict[str, set[int]]:
         with self._lock:
             now = self._clock()
-            stale = now - self._found_at >= self.refresh_s
-            if stale or any(not p for p in self._pids.values()):
+            age = now - self._found_at
+            if age >= self.refresh_s or (age >= self.retry_s
+                                         and any(not p for p in self._pids.values())):
                 table = ProcessTable(self.root)
                 self._pids = {name: table.with_descendants(self._roots(table, src))
                               for name, src in self.sources.items()}

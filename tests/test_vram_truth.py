@@ -289,3 +289,19 @@ def test_a_consumer_freed_behind_the_brokers_back_is_not_believed_resident(start
         assert "belief_corrected" in types_ and "evicted" in types_
     finally:
         sim.stop()
+
+
+def test_a_missing_service_is_looked_for_again_at_most_once_a_second(monkeypatch, tmp_path):
+    import mgpumanager.procs as procs
+    scans = []
+    real = procs.ProcessTable
+    monkeypatch.setattr(procs, "ProcessTable", lambda root: scans.append(root) or real(root))
+    now = [100.0]
+    attribution = Attribution({"gone": PidsFrom(port=1)}, root=str(tmp_path),
+                              clock=lambda: now[0])
+    for _ in range(50):                       # fifty GPU jobs in the same second
+        assert attribution.measure([])["gone"].mib is None
+    assert len(scans) == 1
+    now[0] += 1.5
+    attribution.measure([])
+    assert len(scans) == 2
