@@ -693,6 +693,9 @@ class Broker:
     def stats(self) -> dict:
         """A consistent copy of the counters, for /v1/status and /metrics."""
         snap = self.lock.snapshot()
+        # Outside _stats_lock: a look at the lock file is a syscall or two.
+        holder_pid = (self.oslock.holder_pid()
+                      if snap.holder or self.oslock.held_elsewhere() else None)
         with self._stats_lock:
             lease = self._current
             job = lease.job if lease is not None else None
@@ -719,10 +722,7 @@ class Broker:
                 "client_errors": sum(self._client_errors.values()),
                 "client_errors_by_code": dict(self._client_errors),
                 "leases_expired": self._leases_expired,
-                "lock_file": {"path": self.oslock.path,
-                              "holder_pid": (self.oslock.holder_pid()
-                                             if snap.holder or self.oslock.held_elsewhere()
-                                             else None)},
+                "lock_file": {"path": self.oslock.path, "holder_pid": holder_pid},
                 "last_wait_ms": round(self._last_wait_ms, 1) if self._last_wait_ms is not None else None,
                 "last_run_ms": round(self._last_run_ms, 1) if self._last_run_ms is not None else None,
                 "evictions": sum(self._evictions.values()),

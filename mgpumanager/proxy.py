@@ -283,6 +283,7 @@ def drain_body(environ: dict, limit: int = 4 * CHUNK, within_s: float = 1.0) -> 
         return
     stream, seen = environ["wsgi.input"], 0
     sock = environ.get("gunicorn.socket")
+    before = sock.gettimeout() if sock is not None else None
     deadline = time.monotonic() + within_s
     try:
         while seen < limit:
@@ -297,6 +298,12 @@ def drain_body(environ: dict, limit: int = 4 * CHUNK, within_s: float = 1.0) -> 
             seen += len(data)
     except Exception:
         pass                  # a broken or stalled body: gunicorn drops the connection
+    finally:
+        if sock is not None:
+            try:              # the error answer that follows gets the usual deadline
+                sock.settimeout(before)
+            except OSError:
+                pass
 
 
 _GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)

@@ -199,3 +199,15 @@ def test_gpu_routes_match_after_normalising(method, path, gpu):
     cfg = parse_config({**CONFIG, "consumers": {"mvoice": {
         **CONFIG["consumers"]["mvoice"], "gpu_routes": ["POST /prompt", "POST /api/prompt/"]}}})
     assert cfg.consumers["mvoice"].is_gpu_route(method, path) is gpu
+
+
+def test_draining_a_refused_body_gives_the_socket_its_deadline_back():
+    import io
+    from mgpumanager.proxy import drain_body
+    a, b = socket.socketpair()
+    a.settimeout(60)
+    drain_body({"CONTENT_LENGTH": "5", "wsgi.input": io.BytesIO(b"hello"),
+                "gunicorn.socket": a}, within_s=0.5)
+    assert a.gettimeout() == 60
+    a.close()
+    b.close()
