@@ -50,7 +50,8 @@ def _drive(base: str, stop: threading.Event) -> None:
                     print(f"  round {round_no}: {kind:5s} -> {r.status_code} ({n} bytes, "
                           f"{time.monotonic() - t0:.1f} s)", flush=True)
                 except requests.RequestException as e:
-                    print(f"  round {round_no}: {kind:5s} -> {e}", flush=True)
+                    if not stop.is_set():     # at Ctrl-C the broker stops under it: no noise
+                        print(f"  round {round_no}: {kind:5s} -> {e}", flush=True)
             t = threading.Thread(target=run, daemon=True)
             t.start()
             threads.append(t)
