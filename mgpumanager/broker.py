@@ -457,9 +457,7 @@ class Broker:
             self._check_beliefs(views, reading)
             for name in failed:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
-            plan = plan_room(target, views, free_mib=reading.free_mib,
-                             total_mib=reading.total_mib, cushion_mib=self.config.gpu.cushion_mib,
-                             coexist=self.config.may_coexist, live=self.reader.live)
+            plan = self.plan(target, views, reading)
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "
                            f"({reading.free_mib} MiB free of {reading.total_mib}, "
@@ -498,6 +496,12 @@ class Broker:
         if c.load is not None and self.registry.loaded(target) is not True:
             job.lease.check()
             self._load(target, deadline, job.lease)
+
+    def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading):
+        """What making room for target takes, by this reading and these beliefs."""
+        return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
+                         cushion_mib=self.config.gpu.cushion_mib,
+                         coexist=self.config.may_coexist, live=self.reader.live)
 
     def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
         """Poll the reading until the unload shows (drivers free memory late)."""
@@ -584,9 +588,9 @@ class Broker:
         per distinct state); the planner resolves them before the job runs."""
         believed = sum(v.resident_mib for v in views.values() if v.loaded is True)
         problem = None
-        if believed > reading.total_mib:
+        if believed > reading.usable_mib:
             problem = (f"the consumers believed loaded hold {believed} MiB, more than the "
-                       f"GPU's {reading.total_mib} MiB")
+                       f"GPU's {reading.usable_mib} MiB")
         elif self.reader.live and reading.used_mib is not None and \
                 believed > reading.used_mib + self.config.gpu.cushion_mib:
             problem = (f"the consumers believed loaded hold {believed} MiB, but the reading "

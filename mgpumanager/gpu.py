@@ -41,10 +41,23 @@ class GpuReading:
     # (pid, used MiB) of every process on the GPU; None: this reader cannot tell.
     processes: tuple[tuple[int, int | None], ...] | None = None
 
+    @property
+    def usable_mib(self) -> int | None:
+        """What processes can ever hold: the total less what the driver keeps
+        for itself (about 480 MiB on an H100, which nvidia-smi leaves out of
+        both used and free). Planning against the whole total would take that
+        reserve for some consumer's memory."""
+        if self.total_mib is None or self.used_mib is None or self.free_mib is None:
+            return self.total_mib
+        return min(self.total_mib, self.used_mib + self.free_mib)
+
     def to_json(self) -> dict:
+        usable = self.usable_mib
         return {"source": self.source, "index": self.index, "name": self.name,
                 "total_mib": self.total_mib, "used_mib": self.used_mib,
-                "free_mib": self.free_mib, "util_pct": self.util_pct,
+                "free_mib": self.free_mib,
+                "reserved_mib": None if usable is None else self.total_mib - usable,
+                "util_pct": self.util_pct,
                 "sampled_at": iso_utc(self.sampled_at), "error": self.error,
                 "processes": (None if self.processes is None else
                               [{"pid": p, "used_mib": m} for p, m in self.processes])}
@@ -82,7 +95,11 @@ class NvmlReader(GpuReader):
     def read(self) -> GpuReading:
         nv = self._nvml
         try:
-            mem = nv.nvmlDeviceGetMemoryInfo(self._handle)
+            try:
+                # v2 reports the driver's reserve apart from used, as nvidia-smi does.
+                mem = nv.nvmlDeviceGetMemoryInfo(self._handle, version=nv.nvmlMemory_v2)
+            except (AttributeError, TypeError, nv.NVMLError):
+                mem = nv.nvmlDeviceGetMemoryInfo(self._handle)
             try:
                 util = nv.nvmlDeviceGetUtilizationRates(self._handle).gpu
             except nv.NVMLError:

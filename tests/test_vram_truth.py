@@ -122,9 +122,12 @@ class FakeNvml(types.ModuleType):
     class NVMLError(Exception):
         pass
 
-    def __init__(self, processes):
+    nvmlMemory_v2 = 0x02000028
+
+    def __init__(self, processes, reserved_mib=0):
         super().__init__("pynvml")
         self.processes = processes          # [(pid, MiB)]
+        self.reserved_mib = reserved_mib    # the driver's own, which v1 counts as used
 
     def nvmlInit(self):
         pass
@@ -138,9 +141,13 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetName(self, handle):
         return b"Fake GPU"
 
-    def nvmlDeviceGetMemoryInfo(self, handle):
+    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
         used = sum(m for _, m in self.processes) << 20
-        return types.SimpleNamespace(total=24576 << 20, used=used, free=(24576 << 20) - used)
+        reserved = self.reserved_mib << 20
+        free = (24576 << 20) - used - reserved
+        if version == self.nvmlMemory_v2:
+            return types.SimpleNamespace(total=24576 << 20, reserved=reserved, used=used, free=free)
+        return types.SimpleNamespace(total=24576 << 20, used=used + reserved, free=free)
 
     def nvmlDeviceGetUtilizationRates(self, handle):
         return types.SimpleNamespace(gpu=10)
@@ -187,6 +194,30 @@ def test_the_broker_shows_measured_vram_and_warns_above_the_configured_size(serv
     fake.processes = [(999999, 50)]             # it freed its memory
     b.sampler.sample()
     assert b.status()["consumers"]["svc"]["loaded"] is False
+
+
+def test_the_drivers_reserve_is_nobodys_memory(monkeypatch):
+    """An H100 with nothing on it reads 480 MiB used through NVML's v1 call:
+    the driver's reserve. Taken for memory some consumer might hold, it made
+    believed-unloaded consumers eviction candidates on every job."""
+    from mgpumanager.broker import Broker
+    fake = FakeNvml([], reserved_mib=480)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    cfg = parse_config({
+        "gpu": {"backend": "nvml", "cushion_mib": 256},
+        "routes": {"image": "big", "tts": "small"},
+        "consumers": {
+            "big": {"url": "http://127.0.0.1:1", "paths": {"image": "/p"},
+                    "vram_resident_mib": 20000, "unload": {"path": "/free"}},
+            "small": {"url": "http://127.0.0.1:2", "paths": {"tts": "/p"},
+                      "vram_resident_mib": 3000, "unload": {"path": "/free"}}}})
+    b = Broker(cfg)
+    reading = b.reader.read()
+    assert (reading.used_mib, reading.usable_mib) == (0, 24576 - 480)
+    assert b.status()["gpu"]["reserved_mib"] == 480
+    b.registry.mark_loaded("small", False)
+    plan = b.plan("big", b.registry.views(), reading)
+    assert plan.fits and plan.victims == (), plan.reason
 
 
 # -- end to end: beliefs against the simulated GPU -----------------------------------
