@@ -35,6 +35,7 @@ from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
 from .oslock import OsLock, default_lock_file
 from .policy import ConsumerView, plan_room
+from .schedule import Rules, choose_next
 from .procs import Attribution
 from .proxy import UpstreamPool
 
@@ -99,6 +100,8 @@ class Job:
         self.kind = kind
         self.started = broker.clock()
         self.evicted: list[str] = []
+        self.was_loaded: bool | None = None  # its consumer's state as the job began
+        self.ran_ok = False                  # it reached the consumer and was read whole
         self._finished = False
         self._finish_lock = threading.Lock()
 
@@ -148,7 +151,10 @@ class Broker:
         self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s,
                                   on_sample=self._attribute)
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
-        self.lock = GpuLock(config.scheduler.max_queue, clock=clock)
+        sched = config.scheduler
+        self.rules = Rules(sched.policy, sched.max_bypass, sched.max_delay_s)
+        self.lock = GpuLock(sched.max_queue, clock=clock, estimator=self._estimate_wait,
+                            chooser=self._choose if sched.policy != "fifo" else None)
         self.oslock = OsLock(config.scheduler.lock_file or default_lock_file())
         self._stop = threading.Event()
         self.shutting_down = False
@@ -170,7 +176,11 @@ class Broker:
         self._wait_hist = Histogram()
         self._run_hist = Histogram()
         self._current: Lease | None = None           # whoever holds the GPU lock
+        self._max_bypassed = 0                       # the most any granted job was passed
         self._last_belief_problem = None             # under the GPU lock only
+        # Written only by _choose, under the GpuLock's mutex:
+        self._reordered = 0                          # grants to other than the oldest
+        self._swaps_saved = 0                        # ... that ran without the oldest's eviction
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -263,6 +273,7 @@ class Broker:
         BrokerError (nothing held) if refused."""
         job = self._room_for(consumer, kind, f"{consumer}:{kind or 'upstream'}", cancelled)
         job.started = self.clock()
+        job.was_loaded = self.registry.loaded(consumer)
         self.registry.job_started(consumer)
         with self._stats_lock:
             self._last_wait_ms = job.wait_s * 1000
@@ -280,7 +291,8 @@ class Broker:
             self._refused(e, consumer, kind)
             raise
         deadline = self.clock() + self.config.scheduler.queue_timeout_s
-        job = Job(self, self._acquire(consumer, kind, label, cancelled), consumer, kind)
+        job = Job(self, self._acquire(consumer, kind, label, cancelled, needs_room=True),
+                  consumer, kind)
         try:
             self._make_room(job, deadline, cancelled)
         except BaseException as e:
@@ -295,12 +307,14 @@ class Broker:
         return job
 
     def _acquire(self, consumer: str, kind: str | None, label: str,
-                 cancelled: Callable[[], bool] | None) -> Lease:
-        """This process's turn (the FIFO), then the machine's (the OS lock)."""
+                 cancelled: Callable[[], bool] | None, *, needs_room: bool) -> Lease:
+        """This process's turn (the queue), then the machine's (the OS lock)."""
         deadline = self.clock() + self.config.scheduler.queue_timeout_s
         try:
             ticket = self.lock.acquire(label, self.config.scheduler.queue_timeout_s,
-                                       cancelled=cancelled)
+                                       cancelled=cancelled, consumer=consumer, kind=kind,
+                                       priority=self.priority(consumer, kind),
+                                       needs_room=needs_room)
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
@@ -320,10 +334,16 @@ class Broker:
         self.watch.watch(lease)
         with self._stats_lock:
             self._current = lease
+            self._max_bypassed = max(self._max_bypassed, ticket.bypassed)
         return lease
 
     def _lease_released(self, lease: Lease) -> None:
         self.watch.unwatch(lease)
+        job = lease.job
+        if job is not None and job.ran_ok:
+            # Its hold, busy time included, is what the next job waits for.
+            self.registry.record_run(job.consumer, self.clock() - job.started,
+                                     cold=job.was_loaded is False)
         with self._stats_lock:
             if self._current is lease:
                 self._current = None
@@ -378,6 +398,7 @@ class Broker:
     def _job_done(self, job: Job, *, ok: bool, reached: bool | None, status: int | None,
                   bytes_in: int, bytes_out: int, error: str | None, hold_busy: bool) -> None:
         run_s = self.clock() - job.started
+        job.ran_ok = ok and reached is True
         self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
         with self._stats_lock:
             self._total_jobs += 1
@@ -430,6 +451,66 @@ class Broker:
                      fields["bytes_out"], ",".join(fields["evicted"]) or "-",
                      extra={"fields": {"event": "job", **fields}})
 
+    # -- the order of the queue ------------------------------------------------
+
+    def priority(self, consumer: str, kind: str | None) -> int:
+        """A kind's configured priority; a job without a kind (passthrough,
+        load) the highest of its consumer's kinds."""
+        table = self.config.scheduler.priority
+        if kind is not None:
+            return table.get(kind, 0)
+        return max((table.get(k, 0) for k in self.config.kinds_of(consumer)), default=0)
+
+    def _choose(self, waiting: list[Ticket], now: float) -> int:
+        """The GpuLock's chooser (under its mutex, so nothing here may block
+        or take the lock): which waiting job runs next, by schedule.py.
+
+        Whether a job fits without an eviction is judged by the beliefs and
+        the ledger sum, not a fresh reading (a reading can take an HTTP call
+        or a subprocess, too slow to hold every waiter for). A wrong guess
+        costs order, not safety: the job granted still makes room against a
+        fresh reading.
+        """
+        views = self.registry.views()
+        latest = self.sampler.latest()
+        total = latest.usable_mib or self.config.gpu.total_mib or sum(
+            v.resident_mib for v in views.values())
+        held = sum(v.resident_mib for v in views.values() if v.loaded is not False)
+        fits = {}
+        for name in {t.consumer for t in waiting if t.consumer in views}:
+            plan = plan_room(name, views, free_mib=max(0, total - held), total_mib=total,
+                             cushion_mib=self.config.gpu.cushion_mib,
+                             coexist=self.config.may_coexist, live=False)
+            fits[name] = plan.fits and not plan.victims
+        choice = choose_next(waiting, fits, self.rules, now)
+        if choice.index:
+            self._reordered += 1
+            self._swaps_saved += choice.saved_swap
+            log.debug("granting %s ahead of %d older job(s): %s", waiting[choice.index].label,
+                      choice.index, choice.reason)
+        return choice.index
+
+    def _estimate_wait(self, ahead: list[Ticket], mean_hold_s: float) -> float:
+        """Seconds until a job queued behind ``ahead`` could start: the
+        running job, then each job ahead at its consumer's measured run
+        time, plus a measured swap (load, and an unload) wherever the
+        consumer changes to one not resident. Unmeasured: the mean hold."""
+        costs = self.registry.costs()
+        resident = {n for n, v in self.registry.views().items() if v.loaded is True}
+        unloads = [c.unload_s for c in costs.values() if c.unload_s is not None]
+        unload_s = sum(unloads) / len(unloads) if unloads else 0.0
+        seconds = mean_hold_s            # the job running now
+        previous = None
+        for t in ahead:
+            c = costs.get(t.consumer)
+            run_s = c.run_s if c is not None and c.run_s is not None else mean_hold_s
+            seconds += run_s
+            if c is not None and t.consumer != previous and t.consumer not in resident:
+                seconds += (c.load_s or 0.0) + unload_s
+                resident.add(t.consumer)
+            previous = t.consumer
+        return seconds
+
     # -- making room (always under the GPU lock) -----------------------------
 
     def _make_room(self, job: Job, deadline: float,
@@ -473,10 +554,12 @@ class Broker:
             if plan.fits and attempts < sched.evict_attempts:
                 attempts += 1
                 victim = plan.victims[0]
+                t0 = self.clock()
                 if not self._unload(victim, f"to make room for {target}: {plan.reason}", job,
                                     job.lease):
                     failed.add(victim)
-                elif self.reader.live:
+                    continue
+                if self.reader.live:
                     # A victim only possibly loaded may have had nothing to
                     # free: wait less for its memory to show.
                     settle_s = self.config.scheduler.evict_settle_s
@@ -484,6 +567,8 @@ class Broker:
                         settle_s = min(settle_s, UNSURE_SETTLE_S)
                     self._settle(reading.free_mib, views[victim].resident_mib, plan.need_mib,
                                  min(deadline, self.clock() + settle_s))
+                if views[victim].loaded is True:     # a real unload: its cost, settle included
+                    self.registry.record_cost(victim, "unload", self.clock() - t0)
                 continue
             # Nothing more may be evicted: wait for VRAM to come free (ollama
             # expires its own models) until the job's queue deadline.
@@ -565,6 +650,8 @@ class Broker:
             if (result.ok and result.loaded is None) or self.clock() >= until:
                 break             # it says nothing of its state: the load stays unconfirmed
             self.sleep(0.1)
+        if confirmed or result.loaded is None:      # not a load that timed out unconfirmed
+            self.registry.record_cost(target, "load", self.clock() - t0)
         # A load no probe confirmed leaves it possibly loaded: counted as
         # resident everywhere, but never believed over a reading.
         self.registry.mark_loaded(target, True if confirmed else None, counted="load")
@@ -627,7 +714,7 @@ class Broker:
     def unload(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         if self.config.consumers[name].unload is None:
             raise BadRequest(f"{name} has no unload route", consumer=name)
-        lease = self._acquire(name, None, f"{name}:unload", cancelled)
+        lease = self._acquire(name, None, f"{name}:unload", cancelled, needs_room=False)
         try:
             if not self._unload(name, "on request", None, lease):
                 raise UnloadFailed(f"unloading {name} failed: "
@@ -717,6 +804,15 @@ class Broker:
                 "in_flight": 1 if snap.holder else 0,
                 "running": running,
                 "waiting": list(snap.waiting),
+                # Per waiting job, oldest first: how often a younger job went ahead of it.
+                "waiting_jobs": [dataclasses.asdict(w) for w in snap.jobs],
+                "policy": self.rules.policy,
+                "max_bypass": self.rules.max_bypass,
+                "max_delay_s": self.rules.max_delay_s,
+                "priority": dict(self.config.scheduler.priority),
+                "reordered": self._reordered,
+                "swaps_saved": self._swaps_saved,
+                "max_bypassed": self._max_bypassed,
                 "oldest_queued_s": round(snap.oldest_queued_s, 3)
                 if snap.oldest_queued_s is not None else None,
                 "total_jobs": self._total_jobs,

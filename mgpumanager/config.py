@@ -8,6 +8,7 @@ fixes a config in one pass instead of one restart per typo.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
@@ -23,6 +24,7 @@ import yaml
 from .errors import ConfigError
 from .presets import TYPES, with_preset
 from .procs import PidsFrom
+from .schedule import POLICIES
 
 DEFAULT_CONFIG = "etc/consumers.yaml"
 CONFIG_ENV = "MGPUMANAGER_CONFIG"
@@ -79,6 +81,11 @@ class SchedulerConfig:
     load_failures_to_cooldown: int = 3  # consecutive failed loads before a consumer cools down
     load_cooldown_s: float = 30.0       # the first cooldown; it doubles on each further failure
     load_cooldown_max_s: float = 600.0
+    policy: str = "affinity"            # fifo | affinity (schedule.py)
+    max_bypass: int = 4                 # affinity: no job is passed more often
+    max_delay_s: float = 120.0          # affinity: nor waits longer beyond its FIFO turn
+    # kind -> priority (higher first, within the bounds above); unnamed kinds 0
+    priority: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,10 @@ class Config:
                  + (f", total {self.gpu.total_mib} MiB" if self.gpu.total_mib else ""),
                  f"  scheduler: max_queue {self.scheduler.max_queue}, "
                  f"queue_timeout {self.scheduler.queue_timeout_s:g} s, "
+                 f"policy {self.scheduler.policy}"
+                 + (f" (max_bypass {self.scheduler.max_bypass}, max_delay "
+                    f"{self.scheduler.max_delay_s:g} s)" if self.scheduler.policy == "affinity"
+                    else "") + ", "
                  f"threads {self.server.thread_count(self.scheduler.max_queue)}",
                  "  routes: " + ", ".join(f"{k} -> {v}" for k, v in sorted(self.routes.items()))]
         for c in self.consumers.values():
@@ -689,7 +700,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     q = r.section(top.get("scheduler"), "scheduler", (
         "max_queue", "queue_timeout_s", "evict_attempts", "evict_settle_s", "job_timeout_s",
         "busy_poll_s", "lock_file", "load_failures_to_cooldown", "load_cooldown_s",
-        "load_cooldown_max_s"))
+        "load_cooldown_max_s", "policy", "max_bypass", "max_delay_s", "priority"))
     d = SchedulerConfig()
     scheduler = SchedulerConfig(
         max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1, maximum=MAX_QUEUE),
@@ -704,7 +715,10 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                                             d.load_failures_to_cooldown, 1, maximum=1000),
         load_cooldown_s=r.seconds(q, "load_cooldown_s", "scheduler", d.load_cooldown_s),
         load_cooldown_max_s=r.seconds(q, "load_cooldown_max_s", "scheduler",
-                                      d.load_cooldown_max_s))
+                                      d.load_cooldown_max_s),
+        policy=r.string(q, "policy", "scheduler", d.policy, POLICIES),
+        max_bypass=r.integer(q, "max_bypass", "scheduler", d.max_bypass, 0, maximum=1000),
+        max_delay_s=r.seconds(q, "max_delay_s", "scheduler", d.max_delay_s, positive=False))
     if server.threads is not None and \
             server.threads < scheduler.max_queue + 1 + MIN_SPARE_THREADS:
         r.problem("server.threads", f"at least scheduler.max_queue + {1 + MIN_SPARE_THREADS} = "
@@ -760,6 +774,11 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
             else:
                 routes[str(kind)] = target
 
+    priority = _read_priority(r, q.get("priority"),
+                              list(routes_node) if isinstance(routes_node, dict) else None)
+    if priority:
+        scheduler = dataclasses.replace(scheduler, priority=MappingProxyType(priority))
+
     audio = top.get("audio_proxy")
     if audio is not None and (not isinstance(audio, str) or audio not in names):
         r.problem("audio_proxy", f"the name of a consumer ({listing(names)})", audio)
@@ -770,6 +789,26 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     return Config(path=path, server=server, gpu=gpu, health=health, scheduler=scheduler,
                   proxy=proxy, routes=MappingProxyType(routes), audio_proxy=audio,
                   consumers=MappingProxyType(consumers))
+
+
+def _read_priority(r: _Reader, node: Any, kinds: list | None) -> dict[str, int]:
+    """scheduler.priority: kind -> a whole number, higher first."""
+    if node is None:
+        return {}
+    expected = "a mapping of kind -> priority (a whole number, higher goes first)"
+    if not isinstance(node, dict):
+        r.problem("scheduler.priority", expected, node)
+        return {}
+    out = {}
+    for kind, value in node.items():
+        kpath = key_path("scheduler.priority", kind)
+        if kinds is not None and kind not in kinds:
+            r.problem(kpath, f"a kind in routes ({listing([str(k) for k in kinds])})", kind)
+        elif isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
+            r.problem(kpath, "a whole number from -1000 to 1000", value)
+        else:
+            out[kind] = value
+    return out
 
 
 # What a config file may be: its size, and the values it may expand to

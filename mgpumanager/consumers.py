@@ -232,6 +232,40 @@ def run_command(name: str, argv: tuple[str, ...], timeout_s: float) -> str | Non
     return None
 
 
+class MovingCost:
+    """How long something takes, as a moving estimate: an exponentially
+    weighted mean, the newest sample weighing 0.3 (about the last five
+    count), seeded by the first sample."""
+
+    WEIGHT = 0.3
+    __slots__ = ("mean_s", "samples", "last_s")
+
+    def __init__(self):
+        self.mean_s: float | None = None
+        self.samples = 0
+        self.last_s: float | None = None
+
+    def add(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.mean_s = seconds if self.mean_s is None else (
+            self.mean_s + self.WEIGHT * (seconds - self.mean_s))
+        self.samples += 1
+        self.last_s = seconds
+
+    def to_json(self) -> dict:
+        return {"s": None if self.mean_s is None else round(self.mean_s, 3),
+                "samples": self.samples,
+                "last_s": None if self.last_s is None else round(self.last_s, 3)}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured estimates for one consumer, in seconds (None: not yet measured)."""
+    load_s: float | None
+    unload_s: float | None
+    run_s: float | None
+
+
 class ConsumerState:
     """One consumer's live state. Every field below ``config`` is guarded by
     the registry's ``_lock``; outside it, read a ``snapshot()``."""
@@ -259,6 +293,11 @@ class ConsumerState:
         self.cooling_until: float | None = None   # monotonic
         self.measured: Measured | None = None     # from per-process attribution
         self.peak_measured_mib = 0
+        # Measured: a load (route and confirmation, or a cold first job), an
+        # unload (route and the memory showing free), a warm job's hold.
+        self.load_cost = MovingCost()
+        self.unload_cost = MovingCost()
+        self.run_cost = MovingCost()
 
     @property
     def planned_mib(self) -> int:
@@ -280,6 +319,8 @@ class ConsumerState:
                 "load_failures": self.load_failures,
                 "cooling_down_s": (round(max(0.0, self.cooling_until - time.monotonic()), 1)
                                    if self.cooling_until is not None else None),
+                "costs": {"load": self.load_cost.to_json(), "unload": self.unload_cost.to_json(),
+                          "run": self.run_cost.to_json()},
                 "measured_mib": self.measured.mib if self.measured else None,
                 "peak_measured_mib": self.peak_measured_mib or None,
                 "attribution": (None if c.pids_from is None else {
@@ -321,7 +362,13 @@ class ConsumerRegistry:
     def views(self) -> dict[str, ConsumerView]:
         with self._lock:
             return {n: ConsumerView(n, s.planned_mib, s.loaded, s.last_used,
-                                    s.config.vram_managed, s.config.unload is not None)
+                                    s.config.vram_managed, s.config.unload is not None,
+                                    reload_s=s.load_cost.mean_s)
+                    for n, s in self._states.items()}
+
+    def costs(self) -> dict[str, Costs]:
+        with self._lock:
+            return {n: Costs(s.load_cost.mean_s, s.unload_cost.mean_s, s.run_cost.mean_s)
                     for n, s in self._states.items()}
 
     def held_mib(self) -> int:
@@ -403,6 +450,23 @@ class ConsumerRegistry:
                 s.failed_requests += 1
                 if error:
                     s.last_error = error
+
+    def record_cost(self, name: str, what: str, seconds: float) -> None:
+        """A timed load or unload (``what``)."""
+        with self._lock:
+            s = self._states[name]
+            (s.load_cost if what == "load" else s.unload_cost).add(seconds)
+
+    def record_run(self, name: str, seconds: float, *, cold: bool) -> None:
+        """A job that ran whole held the GPU this long. Without a load route,
+        a consumer loads on its first job: a cold job's time beyond a warm
+        one's is its load."""
+        with self._lock:
+            s = self._states[name]
+            if not cold:
+                s.run_cost.add(seconds)
+            elif s.config.load is None:
+                s.load_cost.add(seconds - (s.run_cost.mean_s or 0.0))
 
     def job_refused(self, name: str) -> None:
         with self._lock:

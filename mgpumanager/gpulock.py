@@ -1,18 +1,22 @@
-"""The process-wide GPU lock: one holder, a strict FIFO queue of waiters.
+"""The process-wide GPU lock: one holder, a queue of waiters in arrival order.
 
 Modelled on CPython's ``queue.py``: one mutex, a condition on it, a deadline
 loop on ``time.monotonic`` that re-checks its predicate after every wake.
-``Condition.notify`` does not wake threads in arrival order, so the order is
-kept in a deque of tickets and only the head may take the lock. Each ticket
-waits on a condition of its own (all on the one mutex) and a release wakes
-only the head: waking every waiter would have them all fight for the GIL
-while the one that matters waits its turn, which measured as milliseconds
-of hand-off with 16 waiters.
+``Condition.notify`` does not wake threads in a chosen order, so the order
+is kept in a list of tickets, and when the lock comes free the lock names
+the one ticket that may take it (``_next``): the oldest, or, with a
+``chooser`` (schedule.py's affinity), the one it picks. The choice is made
+under the mutex, so no two waiters can both think it is their turn. Each
+ticket waits on a condition of its own (all on the one mutex) and a release
+wakes only the chosen one: waking every waiter would have them all fight
+for the GIL while the one that matters waits its turn, which measured as
+milliseconds of hand-off with 16 waiters.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import time
@@ -21,20 +25,31 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import Abandoned, QueueFull, QueueTimeout, ShuttingDown
+from .schedule import mark_turn, take
+
+log = logging.getLogger("mgpumanager.gpulock")
 
 
 class Ticket:
     """One job's place in the queue, then its hold on the lock."""
 
-    __slots__ = ("id", "label", "enqueued_at", "granted_at", "turn")
+    __slots__ = ("id", "label", "enqueued_at", "granted_at", "turn", "consumer", "kind",
+                 "priority", "needs_room", "head_since", "bypassed")
 
     def __init__(self, id: int, label: str, enqueued_at: float,
-                 turn: threading.Condition | None = None):
+                 turn: threading.Condition | None = None, *, consumer: str | None = None,
+                 kind: str | None = None, priority: int = 0, needs_room: bool = True):
         self.id = id
         self.label = label
         self.enqueued_at = enqueued_at
         self.granted_at: float | None = None
-        self.turn = turn             # notified when this ticket reaches a free lock
+        self.turn = turn             # notified when this ticket is chosen for a free lock
+        self.consumer = consumer
+        self.kind = kind
+        self.priority = priority
+        self.needs_room = needs_room
+        self.head_since: float | None = None    # its FIFO turn (schedule.mark_turn)
+        self.bypassed = 0
 
     @property
     def waited_s(self) -> float:
@@ -45,28 +60,51 @@ class Ticket:
 
 
 @dataclass(frozen=True)
+class WaitingJob:
+    label: str
+    consumer: str | None
+    kind: str | None
+    priority: int
+    waited_s: float
+    bypassed: int
+
+
+@dataclass(frozen=True)
 class LockSnapshot:
     queue_depth: int
     holder: str | None
     oldest_queued_s: float | None
     waiting: tuple[str, ...]
+    jobs: tuple[WaitingJob, ...] = ()
+
+
+# chooser(waiting, now) -> the index of the ticket to grant next.
+Chooser = Callable[[list[Ticket], float], int]
+# estimator(tickets ahead, mean hold) -> seconds until a new job could start.
+Estimator = Callable[[list[Ticket], float], float]
 
 
 class GpuLock:
-    def __init__(self, max_queue: int, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_queue: int, *, clock: Callable[[], float] = time.monotonic,
+                 chooser: Chooser | None = None, estimator: Estimator | None = None):
         self.max_queue = max_queue
         self._clock = clock
+        self._chooser = chooser         # None: arrival order
+        self._estimator = estimator
         self._mutex = threading.Lock()
         self._ids = itertools.count(1)
         # All fields below are guarded by _mutex.
-        self._waiting: deque[Ticket] = deque()
+        self._waiting: list[Ticket] = []       # arrival order
         self._holder: Ticket | None = None
+        self._next: Ticket | None = None       # chosen to take the free lock
         self._recent_holds: deque[float] = deque(maxlen=20)
         self._closed: str | None = None          # why no more jobs are granted
 
     def acquire(self, label: str, timeout: float, *,
-                cancelled: Callable[[], bool] | None = None, poll_s: float = 0.5) -> Ticket:
-        """Wait for the lock in arrival order; return the granted ticket.
+                cancelled: Callable[[], bool] | None = None, poll_s: float = 0.5,
+                consumer: str | None = None, kind: str | None = None, priority: int = 0,
+                needs_room: bool = True) -> Ticket:
+        """Wait for the lock until chosen (see the module); return the granted ticket.
 
         Raises QueueFull at once when max_queue jobs already wait,
         QueueTimeout after ``timeout`` seconds, and Abandoned as soon as
@@ -75,7 +113,8 @@ class GpuLock:
         """
         with self._mutex:
             now = self._clock()
-            ticket = Ticket(next(self._ids), label, now)
+            ticket = Ticket(next(self._ids), label, now, consumer=consumer, kind=kind,
+                            priority=priority, needs_room=needs_room)
             self._check_open()
             if self._holder is None and not self._waiting:
                 return self._grant(ticket, now)
@@ -83,34 +122,36 @@ class GpuLock:
                 raise QueueFull(
                     f"{len(self._waiting)} jobs already wait for the GPU (max_queue "
                     f"{self.max_queue}); try again later",
-                    retry_after=self._estimate_wait(len(self._waiting)))
+                    retry_after=self._estimate_wait(self._waiting))
             ticket.turn = threading.Condition(self._mutex)
             self._waiting.append(ticket)
+            self._choose()           # the lock may be free with nobody chosen
             deadline = now + timeout
             try:
-                while not (self._holder is None and self._waiting[0] is ticket):
+                while not (self._holder is None and self._next is ticket):
                     self._check_open()
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         raise QueueTimeout(
                             f"waited {timeout:g} s for the GPU (queue_timeout_s) behind "
                             f"{self._position(ticket)} job(s)",
-                            retry_after=self._estimate_wait(len(self._waiting)))
+                            retry_after=self._estimate_wait(self._waiting))
                     if cancelled is not None and cancelled():
                         raise Abandoned("the client went away while its job waited")
                     ticket.turn.wait(min(remaining, poll_s))
                 if cancelled is not None and cancelled():
                     # Its turn came, but nobody would read the answer.
                     raise Abandoned("the client went away while its job waited")
-                self._waiting.popleft()
+                take(self._waiting, self._waiting.index(ticket))
+                self._next = None
                 return self._grant(ticket, self._clock())
             except BaseException:
                 if ticket in self._waiting:
-                    was_head = self._waiting[0] is ticket
                     self._waiting.remove(ticket)
-                    if was_head:
-                        # The next waiter may now be the head of a free lock.
-                        self._wake_head()
+                    if self._next is ticket:
+                        # Chosen, but gone: choose again for the free lock.
+                        self._next = None
+                        self._choose()
                 raise
 
     def close(self, why: str) -> None:
@@ -125,11 +166,12 @@ class GpuLock:
         if self._closed is not None:
             raise ShuttingDown(self._closed, retry_after=5)
 
-    def try_acquire(self, label: str) -> Ticket | None:
+    def try_acquire(self, label: str, *, consumer: str | None = None) -> Ticket | None:
         """The lock if it is free and nobody waits, else None at once."""
         with self._mutex:
             if self._holder is None and not self._waiting and self._closed is None:
-                return self._grant(Ticket(next(self._ids), label, self._clock()), self._clock())
+                now = self._clock()
+                return self._grant(Ticket(next(self._ids), label, now, consumer=consumer), now)
             return None
 
     def release(self, ticket: Ticket) -> None:
@@ -138,7 +180,7 @@ class GpuLock:
                 raise RuntimeError(f"{ticket!r} does not hold the GPU lock")
             self._holder = None
             self._recent_holds.append(self._clock() - (ticket.granted_at or 0.0))
-            self._wake_head()
+            self._choose()
 
     def snapshot(self) -> LockSnapshot:
         with self._mutex:
@@ -148,11 +190,29 @@ class GpuLock:
                 queue_depth=len(self._waiting),
                 holder=holder.label if holder else None,
                 oldest_queued_s=(now - self._waiting[0].enqueued_at) if self._waiting else None,
-                waiting=tuple(t.label for t in self._waiting))
+                waiting=tuple(t.label for t in self._waiting),
+                jobs=tuple(WaitingJob(t.label, t.consumer, t.kind, t.priority,
+                                      round(now - t.enqueued_at, 3), t.bypassed)
+                           for t in self._waiting))
 
-    def _wake_head(self) -> None:
-        if self._holder is None and self._waiting:
-            self._waiting[0].turn.notify()
+    def _choose(self) -> None:
+        """Name the ticket that takes a free lock, and wake it."""
+        if self._holder is not None or self._next is not None or not self._waiting:
+            return
+        now = self._clock()
+        mark_turn(self._waiting, now)
+        index = 0
+        if self._chooser is not None:
+            try:
+                index = self._chooser(self._waiting, now)
+                if not 0 <= index < len(self._waiting):
+                    raise IndexError(f"chose {index} of {len(self._waiting)}")
+            except Exception:
+                # A broken choice must not wedge the queue: arrival order.
+                log.exception("choosing the next GPU job failed; taking the oldest")
+                index = 0
+        self._next = self._waiting[index]
+        self._next.turn.notify()
 
     def _grant(self, ticket: Ticket, now: float) -> Ticket:
         ticket.granted_at = now
@@ -162,7 +222,14 @@ class GpuLock:
     def _position(self, ticket: Ticket) -> int:
         return self._waiting.index(ticket) + (self._holder is not None)
 
-    def _estimate_wait(self, ahead: int) -> int:
-        """Retry-After in whole seconds: recent mean hold time times the jobs ahead."""
+    def _estimate_wait(self, ahead: list[Ticket]) -> int:
+        """Retry-After in whole seconds: what the jobs ahead will take, by the
+        estimator (measured run and swap costs) or by the recent mean hold."""
         mean = (sum(self._recent_holds) / len(self._recent_holds)) if self._recent_holds else 1.0
-        return max(1, math.ceil(mean * (ahead + 1)))
+        seconds = mean * (len(ahead) + 1)
+        if self._estimator is not None:
+            try:
+                seconds = self._estimator(list(ahead), mean)
+            except Exception:
+                log.exception("estimating the wait failed; using the mean hold")
+        return max(1, math.ceil(seconds))

@@ -97,6 +97,14 @@ class BrokerCollector:
         expired.add_metric([], stats["leases_expired"])
         yield expired
 
+        for key, name, help_text in (
+                ("reordered", "mgpumanager_jobs_reordered",
+                 "Jobs granted the GPU ahead of an older waiting job (policy affinity)."),
+                ("swaps_saved", "mgpumanager_swaps_saved",
+                 "Reordered jobs that ran without an eviction the oldest job needed.")):
+            c = CounterMetricFamily(name, help_text)
+            c.add_metric([], stats[key])
+            yield c
         depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.")
         depth.add_metric([], stats["queue_depth"])
         yield depth

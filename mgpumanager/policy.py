@@ -25,6 +25,7 @@ class ConsumerView:
     last_used: float | None      # end of its last successful job; None: never used
     vram_managed: bool = False
     can_unload: bool = False
+    reload_s: float | None = None   # measured cost of loading it again; None: unmeasured
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class Plan:
 
 
 def lru_key(view: ConsumerView) -> tuple:
-    """Never-used first, then by the end of the last job, oldest first."""
-    return (view.last_used is not None, view.last_used or 0.0, view.name)
+    """Never-used first, then by the end of the last job, oldest first;
+    between equally recent ones (never used, say), the cheaper to load
+    again first (unmeasured counts as dearest), then by name."""
+    return (view.last_used is not None, view.last_used or 0.0,
+            view.reload_s if view.reload_s is not None else float("inf"), view.name)
 
 
 def eviction_candidates(target: str, views: Mapping[str, ConsumerView],

@@ -1,4 +1,4 @@
-"""One GPU job at a time, in arrival order, through a real gunicorn."""
+"""One GPU job at a time, in arrival order (policy fifo), through a real gunicorn."""
 
 import socket
 import threading
@@ -37,7 +37,8 @@ def background(fn, *args):
     return t, out
 
 
-def test_mixed_jobs_never_overlap_and_start_in_arrival_order(broker, sim):
+def test_mixed_jobs_never_overlap_and_start_in_arrival_order_under_fifo(broker_with, sim):
+    broker = broker_with({"scheduler": {"policy": "fifo"}})
     sim.gpu.reset_counters()
     kinds = ["image", "tts", "llm", "stt", "tts", "image", "llm", "stt"]
     payload = {"tts": {"json": {"text": "hello"}},

@@ -50,7 +50,8 @@
     document.getElementById("running").innerHTML = run
       ? `running <b>${esc(run.consumer)}</b> ${esc(run.kind || "")} for ${run.running_s.toFixed(1)} s` : "idle";
     document.getElementById("waiting").innerHTML =
-      status.scheduler.waiting.map((w) => `<li>${esc(w)}</li>`).join("");
+      status.scheduler.waiting_jobs.map((w) => `<li>${esc(w.label)}` +
+        (w.bypassed ? ` <span class="passed">passed ${w.bypassed}×</span>` : "") + "</li>").join("");
   }
 
   function addEvents(events) {
