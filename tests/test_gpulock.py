@@ -185,3 +185,70 @@ def test_snapshot_reports_depth_and_oldest_wait():
     lock.release(held)
     release.set()
     th.join(2)
+
+
+# -- a chooser (policy affinity) ------------------------------------------------
+
+def test_a_chooser_names_who_takes_the_free_lock_and_the_passed_are_counted():
+    lock = GpuLock(8, chooser=lambda waiting, now: len(waiting) - 1)   # the youngest
+    first = lock.acquire("holder", 1)
+    order: list[str] = []
+    go = threading.Event()
+    go.set()
+    threads = []
+    for i in range(3):
+        threads.append(hold_in_thread(lock, f"w{i}", order, go))
+        wait_for_depth(lock, i + 1)
+    jobs = lock.snapshot().jobs
+    assert [(j.label, j.bypassed) for j in jobs] == [("w0", 0), ("w1", 0), ("w2", 0)]
+    lock.release(first)
+    for th in threads:
+        th.join(10)
+    assert order == ["w2", "w1", "w0"]
+
+
+def test_a_chooser_that_fails_or_answers_nonsense_falls_back_to_arrival_order():
+    for chooser in (lambda waiting, now: 1 / 0, lambda waiting, now: 99):
+        lock = GpuLock(8, chooser=chooser)
+        first = lock.acquire("holder", 1)
+        order: list[str] = []
+        go = threading.Event()
+        go.set()
+        threads = []
+        for i in range(3):
+            threads.append(hold_in_thread(lock, f"w{i}", order, go))
+            wait_for_depth(lock, i + 1)
+        lock.release(first)
+        for th in threads:
+            th.join(10)
+        assert order == ["w0", "w1", "w2"]
+
+
+def test_a_chosen_waiter_that_leaves_hands_the_choice_on():
+    chosen = []
+    gone = threading.Event()
+
+    def youngest(waiting, now):
+        chosen.append(waiting[-1].label)
+        if chosen[-1] == "leaves":
+            gone.set()          # its client leaves the moment it is chosen
+        return len(waiting) - 1
+    lock = GpuLock(8, chooser=youngest)
+    first = lock.acquire("holder", 1)
+    order: list[str] = []
+    go = threading.Event()
+    go.set()
+    stay = hold_in_thread(lock, "stays", order, go)
+    wait_for_depth(lock, 1)
+
+    def leaves():
+        with pytest.raises(Abandoned):
+            lock.acquire("leaves", 10, cancelled=gone.is_set, poll_s=0.01)
+    th = threading.Thread(target=leaves, daemon=True)
+    th.start()
+    wait_for_depth(lock, 2)
+    lock.release(first)
+    th.join(10)
+    stay.join(10)
+    assert chosen == ["leaves", "stays"]
+    assert order == ["stays"] and lock.snapshot().holder is None
