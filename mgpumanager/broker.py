@@ -465,22 +465,29 @@ class Broker:
         """The GpuLock's chooser (under its mutex, so nothing here may block
         or take the lock): which waiting job runs next, by schedule.py.
 
-        Whether a job fits without an eviction is judged by the beliefs and
-        the ledger sum, not a fresh reading (a reading can take an HTTP call
-        or a subprocess, too slow to hold every waiter for). A wrong guess
-        costs order, not safety: the job granted still makes room against a
-        fresh reading.
+        Whether a job fits without an eviction is judged by the sampler's
+        latest reading and the beliefs, not a fresh reading (one can take an
+        HTTP call or a subprocess, too slow to hold every waiter for). The
+        latest reading may predate the last load, so free memory is taken as
+        at most the total less what is surely loaded; without a live reading
+        it is the ledger's sum. A wrong guess costs order, not safety: the
+        job granted still makes room against a fresh reading.
         """
         views = self.registry.views()
         latest = self.sampler.latest()
+        live = self.reader.live and latest.free_mib is not None
         total = latest.usable_mib or self.config.gpu.total_mib or sum(
             v.resident_mib for v in views.values())
-        held = sum(v.resident_mib for v in views.values() if v.loaded is not False)
+        if live:
+            surely = sum(v.resident_mib for v in views.values() if v.loaded is True)
+            free = min(latest.free_mib, total - surely)
+        else:
+            free = total - sum(v.resident_mib for v in views.values() if v.loaded is not False)
         fits = {}
         for name in {t.consumer for t in waiting if t.consumer in views}:
-            plan = plan_room(name, views, free_mib=max(0, total - held), total_mib=total,
+            plan = plan_room(name, views, free_mib=max(0, free), total_mib=total,
                              cushion_mib=self.config.gpu.cushion_mib,
-                             coexist=self.config.may_coexist, live=False)
+                             coexist=self.config.may_coexist, live=live)
             fits[name] = plan.fits and not plan.victims
         choice = choose_next(waiting, fits, self.rules, now)
         if choice.index:

@@ -125,7 +125,7 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
         unexplained = used - others_mib - share > cushion_mib
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (
-                     (v.name == target and me.loaded is None) or
+                     (v.name == target and me.loaded is None and unexplained) or
                      (unexplained and v.name != target and v.loaded is False
                       and not coexist(v.name, target)))]
         # The target itself last: if it is resident, unloading it is the dearest.

@@ -138,6 +138,14 @@ LIVE_CASES = [
     pytest.param("img", [view("img", 13000, loaded=None), view("stt", 1800, loaded=True)],
                  24576, 24576 - 1800, (), (), True,
                  id="a-possibly-resident-target-with-room-needs-nothing"),
+    # Seen in the swap benchmark: ComfyUI, never used, was unloaded first
+    # (one victim beats two), though every MiB in use was someone else's.
+    pytest.param("img", [view("img", 13500, loaded=None),
+                         view("tts", 3200, loaded=True, last_used=1),
+                         view("llm", 8000, loaded=True, last_used=2),
+                         view("stt", 1800, loaded=True, last_used=3)],
+                 16384, 16384 - 3200 - 8000 - 1800, [("img", "stt")], ("tts", "llm"), True,
+                 id="a-possibly-resident-target-the-reading-leaves-no-room-for-is-no-victim"),
 ]
 
 

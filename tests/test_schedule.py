@@ -211,3 +211,53 @@ def test_alternating_scripts_swap_far_less_with_affinity():
     _, affinity = replay(arrivals, AFFINITY)
     assert fifo.swaps == 19
     assert affinity.swaps * 2 <= fifo.swaps
+
+
+# -- the swap benchmark's lower bound, against brute force ----------------------------
+
+def load_swaps_bench():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("swaps", ROOT / "bench" / "swaps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def brute_force_fewest_swaps(swaps, consumers, max_bypass):
+    """Every order within max_bypass, each with its best evictions."""
+    from functools import lru_cache
+    from itertools import combinations, permutations
+    best = float("inf")
+    for order in permutations(range(len(consumers))):
+        if any(sum(1 for later in order[:pos] if later > job) > max_bypass
+               for pos, job in enumerate(order)):
+            continue
+
+        @lru_cache(maxsize=None)
+        def cost(pos, resident):
+            if pos == len(order):
+                return 0
+            c = consumers[order[pos]]
+            if c in resident:
+                return cost(pos + 1, resident)
+            out = float("inf")
+            evictable = [r for r in resident if not swaps.may_coexist(r, c)]
+            for size in range(len(evictable) + 1):
+                for victims in combinations(evictable, size):
+                    after = (resident - set(victims)) | {c}
+                    if sum(swaps.SIZES[x] for x in after) + swaps.CUSHION_MIB <= swaps.GPU_MIB:
+                        out = min(out, size + cost(pos + 1, frozenset(after)))
+            return out
+        best = min(best, cost(0, frozenset()))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(consumers=st.lists(st.sampled_from(["mvoice", "whisper", "ollama", "comfyui"]),
+                          min_size=1, max_size=6),
+       max_bypass=st.integers(0, 3))
+def test_the_offline_lower_bound_is_the_best_order_within_max_bypass(consumers, max_bypass):
+    swaps = load_swaps_bench()
+    assert swaps.fewest_swaps(consumers, max_bypass) == \
+        brute_force_fewest_swaps(swaps, consumers, max_bypass)
