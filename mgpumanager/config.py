@@ -114,12 +114,15 @@ class ModelsFrom:
 @dataclass(frozen=True)
 class FreeVram:
     """Where a service reports its device's free VRAM in bytes: GET ``path``,
-    the number at the dotted ``key`` (``devices.0.vram_free``)."""
+    the number at the dotted ``key`` (``devices.0.vram_free``), and, if it
+    says, what it holds itself at ``held_key`` (ComfyUI's
+    ``devices.0.torch_vram_total``)."""
     path: str
     key: str
+    held_key: str | None = None
 
-    def read(self, body: Any) -> int | None:
-        for part in self.key.split("."):
+    def read(self, body: Any, key: str | None = None) -> int | None:
+        for part in (key or self.key).split("."):
             if isinstance(body, list) and part.isdigit() and int(part) < len(body):
                 body = body[int(part)]
             elif isinstance(body, dict):
@@ -466,10 +469,11 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
     until_freed = None
     freed = node.get("until_freed")
     if freed is not None:
-        freed = r.section(freed, f"{path}.until_freed", ("path", "key"))
+        freed = r.section(freed, f"{path}.until_freed", ("path", "key", "held_key"))
         fpath = r.upstream_path(freed, "path", f"{path}.until_freed", None, required=True)
         fkey = r.string(freed, "key", f"{path}.until_freed", None, required=True)
-        until_freed = FreeVram(fpath, fkey) if fpath and fkey else None
+        hkey = r.string(freed, "held_key", f"{path}.until_freed", None)
+        until_freed = FreeVram(fpath, fkey, hkey) if fpath and fkey else None
     return Call(method=method, path=upath, json=node.get("json"), timeout_s=timeout,
                 for_each=for_each, until_empty=until_empty, until_freed=until_freed)
 

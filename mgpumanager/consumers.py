@@ -139,31 +139,37 @@ class HttpActions:
             return f"{call.describe()}: {e.message}"
 
     def _route_until_freed(self, c: ConsumerConfig, call: Call, timeout: float) -> str | None:
-        """The route, then its own account of free VRAM polled until half of
-        the consumer's size has come back (ComfyUI's /free answers at once and
-        frees later). Bounded by UNLOAD_SETTLE_S: a consumer that held
-        nothing frees nothing."""
-        before = self._free_vram(c, call.until_freed, timeout)
+        """The route, then the service's own account polled until half of its
+        size is free again, or (with ``held_key``) until what it holds
+        itself has halved (ComfyUI's /free answers at once and frees later).
+        A service that says it holds less than a quarter of its size has
+        nothing to wait for. Bounded by UNLOAD_SETTLE_S."""
+        where = call.until_freed
+        free_before, held_before = self._free_vram(c, where, timeout)
         error = self._route(c, call, call.json, timeout)
-        if error or before is None:
+        half = c.vram_resident_mib * 1024 * 1024 // 2
+        if error or free_before is None or (held_before is not None and held_before < half // 2):
             return error
         until = time.monotonic() + min(timeout, UNLOAD_SETTLE_S)
-        want = before + c.vram_resident_mib * 1024 * 1024 // 2
         while time.monotonic() < until:
-            now = self._free_vram(c, call.until_freed, timeout)
-            if now is None or now >= want:
+            free, held = self._free_vram(c, where, timeout)
+            if free is None or free >= free_before + half or (
+                    held is not None and held_before is not None and held <= held_before // 2):
                 return None
             time.sleep(0.1)
         log.info("%s: %s did not show half its VRAM back within %g s", c.name,
-                 call.until_freed.path, UNLOAD_SETTLE_S)
+                 where.path, UNLOAD_SETTLE_S)
         return None
 
-    def _free_vram(self, c: ConsumerConfig, where, timeout: float) -> int | None:
+    def _free_vram(self, c: ConsumerConfig, where, timeout: float) -> tuple[int | None, int | None]:
+        """(free, held by the service itself) in bytes, each None if not told."""
         try:
             with self._send("GET", c, where.path, timeout) as r:
-                return where.read(r.json()) if r.status_code == 200 else None
+                body = r.json() if r.status_code == 200 else None
         except (BrokerError, ValueError):
-            return None
+            return None, None
+        return (where.read(body),
+                where.read(body, where.held_key) if where.held_key else None)
 
     def _route(self, c: ConsumerConfig, call: Call, body, timeout: float) -> str | None:
         with self._send(call.method, c, call.path, timeout, body) as r:

@@ -174,3 +174,22 @@ def test_comfyuis_late_free_is_waited_for_behind_a_ledger(start_broker):
         assert len(sim.comfyui.requests_to("/system_stats")) > 2     # it was watched
     finally:
         sim.stop()
+
+
+def test_comfyuis_unload_waits_for_its_memory_only_if_it_held_any(sim):
+    """/free answers at once and frees later: the broker waits for ComfyUI's
+    own account (torch_vram_total) to halve; a ComfyUI that holds nothing
+    (possibly loaded, never used) has nothing to wait for. Before held_key,
+    that case waited out the 10 s settle bound."""
+    from mgpumanager.consumers import HttpActions
+    c = parse_config(preset_config(sim)).consumers["comfyui"]
+    actions = HttpActions(2, 2)
+    t0 = time.monotonic()
+    assert actions.call(c, c.unload) is None
+    assert time.monotonic() - t0 < 3                  # not the 10 s bound
+    time.sleep(0.3)                                   # that /free's own late free is done
+    sim.comfyui.ensure_loaded()
+    sim.comfyui.free_delay_s = 1.0 / sim.comfyui.time_scale    # frees 1 s after answering
+    t0 = time.monotonic()
+    assert actions.call(c, c.unload) is None
+    assert 0.8 <= time.monotonic() - t0 < 5 and not sim.comfyui.loaded

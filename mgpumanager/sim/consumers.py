@@ -488,10 +488,15 @@ class ComfySim(ModelServer):
         if not self.healthy:
             return Reply.json({"error": "down"}, 503)
         r = self.gpu.reading()
+        # torch_vram_total: what ComfyUI's own torch holds (model and cache).
+        own_mib = (self.resident_mib if self.loaded else 0) + (
+            self.residue_mib if self.gpu.holds(self.name + "-cache") else 0)
         return Reply.json({"system": {"comfyui_version": "sim"},
                            "devices": [{"name": r["name"], "type": "cuda",
                                         "vram_total": r["total_mib"] * MIB,
-                                        "vram_free": r["free_mib"] * MIB}]})
+                                        "vram_free": r["free_mib"] * MIB,
+                                        "torch_vram_total": own_mib * MIB,
+                                        "torch_vram_free": 0}]})
 
     def prompt(self, req: Request) -> Reply:
         try:
