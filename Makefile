@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-real bench bench-quick soak check-config clean
+.PHONY: install demo run test test-real bench bench-quick bench-swaps soak check-config clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,15 @@ test-real: install $(REAL_VENV)/.installed
 
 bench: install
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/swaps.py
 
 bench-quick: install
 	$(BIN)/python bench/bench.py --quick
+	$(BIN)/python bench/swaps.py --quick --out bench/SWAPS-quick.md
+
+# FIFO against affinity on realistic traces (writes bench/SWAPS.md)
+bench-swaps: install
+	$(BIN)/python bench/swaps.py
 
 # make soak MINUTES=30 for a longer one
 MINUTES ?= 3
