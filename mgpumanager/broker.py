@@ -178,9 +178,6 @@ class Broker:
         self._current: Lease | None = None           # whoever holds the GPU lock
         self._max_bypassed = 0                       # the most any granted job was passed
         self._last_belief_problem = None             # under the GPU lock only
-        # Written only by _choose, under the GpuLock's mutex:
-        self._reordered = 0                          # grants to other than the oldest
-        self._swaps_saved = 0                        # ... that ran without the oldest's eviction
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -192,6 +189,9 @@ class Broker:
             threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True).start()
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
                         f"GPU reading from {self.reader.source}")
+        for warning in self.config.warnings():
+            log.warning("%s: %s", self.config.path, warning)
+            self.events.add("config_warning", warning)
 
     def begin_shutdown(self, graceful_deadline: float,
                        first: Callable[[], None] | None = None) -> None:
@@ -340,8 +340,9 @@ class Broker:
     def _lease_released(self, lease: Lease) -> None:
         self.watch.unwatch(lease)
         job = lease.job
-        if job is not None and job.ran_ok:
-            # Its hold, busy time included, is what the next job waits for.
+        if job is not None and job.ran_ok and job.was_loaded is not None:
+            # Its hold, busy time included, is what the next job waits for;
+            # from an unknown state, it is neither a warm run nor a load.
             self.registry.record_run(job.consumer, self.clock() - job.started,
                                      cold=job.was_loaded is False)
         with self._stats_lock:
@@ -490,10 +491,10 @@ class Broker:
                              coexist=self.config.may_coexist, live=live)
             fits[name] = plan.fits and not plan.victims
         choice = choose_next(waiting, fits, self.rules, now)
+        # Counted by the lock if this job is granted (it may yet leave).
+        waiting[choice.index].saved_swap = choice.saved_swap
         if choice.index:
-            self._reordered += 1
-            self._swaps_saved += choice.saved_swap
-            log.debug("granting %s ahead of %d older job(s): %s", waiting[choice.index].label,
+            log.debug("choosing %s ahead of %d older job(s): %s", waiting[choice.index].label,
                       choice.index, choice.reason)
         return choice.index
 
@@ -507,15 +508,15 @@ class Broker:
         unloads = [c.unload_s for c in costs.values() if c.unload_s is not None]
         unload_s = sum(unloads) / len(unloads) if unloads else 0.0
         seconds = mean_hold_s            # the job running now
-        previous = None
         for t in ahead:
             c = costs.get(t.consumer)
             run_s = c.run_s if c is not None and c.run_s is not None else mean_hold_s
             seconds += run_s
-            if c is not None and t.consumer != previous and t.consumer not in resident:
+            if c is not None and t.consumer not in resident:
+                # A swap: it loads, and what may not stay beside it goes.
                 seconds += (c.load_s or 0.0) + unload_s
+                resident = {r for r in resident if self.config.may_coexist(r, t.consumer)}
                 resident.add(t.consumer)
-            previous = t.consumer
         return seconds
 
     # -- making room (always under the GPU lock) -----------------------------
@@ -657,7 +658,7 @@ class Broker:
             if (result.ok and result.loaded is None) or self.clock() >= until:
                 break             # it says nothing of its state: the load stays unconfirmed
             self.sleep(0.1)
-        if confirmed or result.loaded is None:      # not a load that timed out unconfirmed
+        if confirmed or (result.ok and result.loaded is None):   # not timed out unconfirmed
             self.registry.record_cost(target, "load", self.clock() - t0)
         # A load no probe confirmed leaves it possibly loaded: counted as
         # resident everywhere, but never believed over a reading.
@@ -817,8 +818,8 @@ class Broker:
                 "max_bypass": self.rules.max_bypass,
                 "max_delay_s": self.rules.max_delay_s,
                 "priority": dict(self.config.scheduler.priority),
-                "reordered": self._reordered,
-                "swaps_saved": self._swaps_saved,
+                "reordered": snap.reordered,
+                "swaps_saved": snap.swaps_saved,
                 "max_bypassed": self._max_bypassed,
                 "oldest_queued_s": round(snap.oldest_queued_s, 3)
                 if snap.oldest_queued_s is not None else None,

@@ -252,6 +252,17 @@ class Config:
     def kinds_of(self, name: str) -> list[str]:
         return sorted(k for k, c in self.routes.items() if c == name)
 
+    def warnings(self) -> list[str]:
+        """Settings that load but do nothing: said by check-config and at start."""
+        q, d = self.scheduler, SchedulerConfig()
+        idle = [k for k, set_ in (("priority", bool(q.priority)),
+                                  ("max_bypass", q.max_bypass != d.max_bypass),
+                                  ("max_delay_s", q.max_delay_s != d.max_delay_s)) if set_]
+        if q.policy == "fifo" and idle:
+            return [f"scheduler.{', scheduler.'.join(idle)}: no effect with scheduler.policy "
+                    "fifo (they bound and order policy affinity)"]
+        return []
+
     def summary(self) -> str:
         lines = [f"{self.path}: OK",
                  f"  gpu: backend {self.gpu.backend}, index {self.gpu.index}, "
@@ -265,6 +276,7 @@ class Config:
                     else "") + ", "
                  f"threads {self.server.thread_count(self.scheduler.max_queue)}",
                  "  routes: " + ", ".join(f"{k} -> {v}" for k, v in sorted(self.routes.items()))]
+        lines += [f"  warning: {w}" for w in self.warnings()]
         for c in self.consumers.values():
             flags = [f"{c.vram_resident_mib} MiB"]
             if c.vram_managed:

@@ -34,7 +34,7 @@ class Ticket:
     """One job's place in the queue, then its hold on the lock."""
 
     __slots__ = ("id", "label", "enqueued_at", "granted_at", "turn", "consumer", "kind",
-                 "priority", "needs_room", "head_since", "bypassed")
+                 "priority", "needs_room", "head_since", "bypassed", "saved_swap")
 
     def __init__(self, id: int, label: str, enqueued_at: float,
                  turn: threading.Condition | None = None, *, consumer: str | None = None,
@@ -50,6 +50,7 @@ class Ticket:
         self.needs_room = needs_room
         self.head_since: float | None = None    # its FIFO turn (schedule.mark_turn)
         self.bypassed = 0
+        self.saved_swap = False      # the chooser: it runs without the oldest's eviction
 
     @property
     def waited_s(self) -> float:
@@ -76,6 +77,8 @@ class LockSnapshot:
     oldest_queued_s: float | None
     waiting: tuple[str, ...]
     jobs: tuple[WaitingJob, ...] = ()
+    reordered: int = 0           # grants to other than the oldest waiting job
+    swaps_saved: int = 0         # ... of a job that needed no eviction the oldest needed
 
 
 # chooser(waiting, now) -> the index of the ticket to grant next.
@@ -99,6 +102,8 @@ class GpuLock:
         self._next: Ticket | None = None       # chosen to take the free lock
         self._recent_holds: deque[float] = deque(maxlen=20)
         self._closed: str | None = None          # why no more jobs are granted
+        self._reordered = 0
+        self._swaps_saved = 0
 
     def acquire(self, label: str, timeout: float, *,
                 cancelled: Callable[[], bool] | None = None, poll_s: float = 0.5,
@@ -139,11 +144,16 @@ class GpuLock:
                     if cancelled is not None and cancelled():
                         raise Abandoned("the client went away while its job waited")
                     ticket.turn.wait(min(remaining, poll_s))
+                self._check_open()       # chosen just before a close: granted nothing
                 if cancelled is not None and cancelled():
                     # Its turn came, but nobody would read the answer.
                     raise Abandoned("the client went away while its job waited")
-                take(self._waiting, self._waiting.index(ticket))
+                passed = self._waiting.index(ticket)
+                take(self._waiting, passed)
                 self._next = None
+                if passed:
+                    self._reordered += 1
+                    self._swaps_saved += ticket.saved_swap
                 return self._grant(ticket, self._clock())
             except BaseException:
                 if ticket in self._waiting:
@@ -193,11 +203,13 @@ class GpuLock:
                 waiting=tuple(t.label for t in self._waiting),
                 jobs=tuple(WaitingJob(t.label, t.consumer, t.kind, t.priority,
                                       round(now - t.enqueued_at, 3), t.bypassed)
-                           for t in self._waiting))
+                           for t in self._waiting),
+                reordered=self._reordered, swaps_saved=self._swaps_saved)
 
     def _choose(self) -> None:
         """Name the ticket that takes a free lock, and wake it."""
-        if self._holder is not None or self._next is not None or not self._waiting:
+        if self._holder is not None or self._next is not None or not self._waiting \
+                or self._closed is not None:
             return
         now = self._clock()
         mark_turn(self._waiting, now)

@@ -252,3 +252,31 @@ def test_a_chosen_waiter_that_leaves_hands_the_choice_on():
     stay.join(10)
     assert chosen == ["leaves", "stays"]
     assert order == ["stays"] and lock.snapshot().holder is None
+
+
+def test_a_waiter_chosen_just_before_a_close_is_refused_not_granted():
+    """close() grants nothing more, also to the waiter the release just
+    before it chose and that has not woken yet."""
+    import sys
+    from mgpumanager.errors import ShuttingDown
+    lock = GpuLock(8)
+    held = lock.acquire("holder", 1)
+    out = {}
+
+    def waiter():
+        try:
+            out["granted"] = lock.acquire("w", 5, poll_s=0.05)
+        except ShuttingDown as e:
+            out["refused"] = e
+    th = threading.Thread(target=waiter)
+    th.start()
+    wait_for_depth(lock, 1)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5)      # keep the GIL: the release and the close back to back
+    try:
+        lock.release(held)
+        lock.close("stopping")
+    finally:
+        sys.setswitchinterval(interval)
+    th.join(5)
+    assert "refused" in out, out
