@@ -60,6 +60,9 @@ def main() -> int:
     p.add_argument("--policy", default=None, help="scheduler.policy, if the broker has one")
     p.add_argument("--free-late-s", type=float, default=1.5)
     p.add_argument("--out", default=None)
+    p.add_argument("--log-out", default=None, help="copy the broker's log here at the end")
+    p.add_argument("--stall-s", type=float, default=45,
+                   help="no job done for this long: print the broker's state and stop")
     a = p.parse_args()
     nvml = NvmlReader(0)
     total = nvml.read().total_mib
@@ -129,9 +132,12 @@ def main() -> int:
         sampler.start()
 
         results: list[tuple[str, int, float]] = []
+        stalled = threading.Event()
 
         def client(kind: str):
             for _ in range(a.jobs):
+                if stalled.is_set():
+                    return
                 t0 = time.monotonic()
                 try:
                     r = requests.post(f"{url}/v1/{kind}", json={}, timeout=300)
@@ -139,12 +145,25 @@ def main() -> int:
                 except requests.RequestException:
                     code = -1
                 results.append((kind, code, time.monotonic() - t0))
-        t0 = time.monotonic()
-        clients = [threading.Thread(target=client, args=(k,)) for k in KINDS]
+                print(f"{time.monotonic() - start:7.2f} s {kind} {code} "
+                      f"{time.monotonic() - t0:.2f} s", flush=True)
+        t0 = start = time.monotonic()
+        clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in KINDS]
         for c in clients:
             c.start()
-        for c in clients:
-            c.join()
+        last, done = time.monotonic(), 0
+        while any(c.is_alive() for c in clients):
+            time.sleep(0.5)
+            if len(results) != done:
+                last, done = time.monotonic(), len(results)
+            elif time.monotonic() - last > a.stall_s:
+                stalled.set()
+                print(f"STALLED: no job done for {a.stall_s:g} s; the broker's state:", flush=True)
+                st = requests.get(url + "/v1/status", timeout=5).json()
+                print(json.dumps({"scheduler": st["scheduler"], "gpu": st["gpu"],
+                                  "consumers": st["consumers"]}, indent=1)[:12000], flush=True)
+                print(log_path.read_text()[-8000:], flush=True)
+                return 1
         makespan = time.monotonic() - t0
         stop.set()
         sampler.join()
@@ -182,6 +201,8 @@ def main() -> int:
             Path(a.out).write_text(json.dumps(report, indent=2))
         return 0 if all(checks.values()) else 1
     finally:
+        if a.log_out and (tmp / "broker.log").exists():
+            Path(a.log_out).write_bytes((tmp / "broker.log").read_bytes()[-4_000_000:])
         for proc in procs:
             proc.terminate()
         for proc in procs:

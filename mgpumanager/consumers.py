@@ -369,7 +369,8 @@ class ConsumerRegistry:
         with self._lock:
             return {n: ConsumerView(n, s.planned_mib, s.loaded, s.last_used,
                                     s.config.vram_managed, s.config.unload is not None,
-                                    reload_s=s.load_cost.mean_s)
+                                    reload_s=s.load_cost.mean_s,
+                                    measured_mib=s.measured.mib if s.measured else None)
                     for n, s in self._states.items()}
 
     def costs(self) -> dict[str, Costs]:
@@ -409,9 +410,11 @@ class ConsumerRegistry:
 
     def record_measured(self, measured: dict[str, Measured], taken_at: float) -> list[str]:
         """Per-process measurements: truth about who holds VRAM. A consumer
-        measured holding memory is loaded, one measured holding none is not,
-        unless the broker changed its state after the reading was taken.
-        Returns warnings for consumers measured above their configured size."""
+        measured holding a quarter of its configured size or more is loaded,
+        one holding less is not (every CUDA process holds its context, about
+        500-700 MiB, loaded or not: seen on an H100), unless the broker
+        changed its state after the reading was taken. Returns warnings for
+        consumers measured above their configured size."""
         warnings = []
         with self._lock:
             for name, m in measured.items():
@@ -420,7 +423,7 @@ class ConsumerRegistry:
                 if m.mib is None:
                     continue
                 if taken_at >= s.state_set_at:
-                    s.loaded = m.mib > 0
+                    s.loaded = m.mib > 0 and m.mib * 4 >= s.config.vram_resident_mib
                     s.state_set_at = taken_at
                 if m.mib > s.peak_measured_mib:
                     if m.mib > s.config.vram_resident_mib >= s.peak_measured_mib:

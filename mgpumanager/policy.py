@@ -26,6 +26,7 @@ class ConsumerView:
     vram_managed: bool = False
     can_unload: bool = False
     reload_s: float | None = None   # measured cost of loading it again; None: unmeasured
+    measured_mib: int | None = None  # what its processes hold now; None: not measured
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,12 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     need = me.resident_mib + cushion_mib
     used = total_mib - free_mib
     others = [v for v in views.values() if v.name != target and v.loaded is not False]
-    others_mib = sum(v.resident_mib for v in others)
-    surely_mib = sum(v.resident_mib for v in others if v.loaded is True)
+    # What unloaded consumers are measured still holding (a CUDA context, a
+    # cache) is theirs, not unexplained.
+    residue = sum(v.measured_mib or 0 for v in views.values()
+                  if v.name != target and v.loaded is False)
+    others_mib = sum(v.resident_mib for v in others) + residue
+    surely_mib = sum(v.resident_mib for v in others if v.loaded is True) + residue
     # Credit only what no possibly-loaded consumer could be holding: a live
     # reading cannot tell whose memory is whose.
     if me.loaded is False or (live and me.loaded is None):
@@ -122,7 +127,8 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
 
     candidates = eviction_candidates(target, views, coexist)
     if live:
-        unexplained = used - others_mib - share > cushion_mib
+        own_residue = (me.measured_mib or 0) if me.loaded is False else 0
+        unexplained = used - others_mib - share - own_residue > cushion_mib
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (
                      (v.name == target and me.loaded is None and unexplained) or

@@ -7,8 +7,8 @@ from mgpumanager.policy import ConsumerView, plan_room
 TOTAL = 24576
 
 
-def view(name, mib, loaded=True, last_used=None, managed=False, unload=True):
-    return ConsumerView(name, mib, loaded, last_used, managed, unload)
+def view(name, mib, loaded=True, last_used=None, managed=False, unload=True, measured=None):
+    return ConsumerView(name, mib, loaded, last_used, managed, unload, measured_mib=measured)
 
 
 def plan(target, views, free, coexist=(), total=TOTAL, cushion=256):
@@ -146,6 +146,13 @@ LIVE_CASES = [
                          view("stt", 1800, loaded=True, last_used=3)],
                  16384, 16384 - 3200 - 8000 - 1800, [("img", "stt")], ("tts", "llm"), True,
                  id="a-possibly-resident-target-the-reading-leaves-no-room-for-is-no-victim"),
+    # Seen on an H100: every torch process holds a 700 MiB context, loaded or
+    # not. Measured, that is theirs, not memory that makes unloaded ones suspects.
+    pytest.param("img", [view("img", 32000, loaded=False, measured=700),
+                         view("tts", 30700, loaded=True, last_used=1, measured=30700),
+                         view("stt", 30000, loaded=False, measured=700)],
+                 64000, 64000 - 32100, (), ("tts",), True,
+                 id="what-unloaded-consumers-are-measured-holding-is-explained"),
 ]
 
 

@@ -60,6 +60,8 @@ def finish(reg, ok, reached):
                  id="measured-holding-nothing-is-not-loaded"),
     pytest.param(False, lambda r: r.record_measured({"a": Measured(900, (1,))}, r.clock()), True,
                  id="measured-holding-memory-is-loaded"),
+    pytest.param(True, lambda r: r.record_measured({"a": Measured(240, (1,))}, r.clock()), False,
+                 id="measured-holding-only-a-context-is-not-loaded"),
     pytest.param(False, lambda r: r.record_measured({"a": Measured(900, (1,))}, -1.0), False,
                  id="a-measurement-older-than-the-last-change-is-ignored"),
     pytest.param(False, lambda r: r.record_measured({"a": Measured(None, (), "n/a")}, r.clock()),
