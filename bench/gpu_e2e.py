@@ -180,7 +180,8 @@ def main() -> int:
             "jobs": len(results), "codes": codes, "makespan_s": round(makespan, 1),
             "peak_used_mib": max(samples), "samples": len(samples),
             "evictions": evictions, "status_gpu": {k: status["gpu"].get(k) for k in ("source", "name", "used_mib", "free_mib")},
-            "queue": {k: status["scheduler"].get(k) for k in ("swaps_saved", "policy")},
+            "queue": {k: status["scheduler"].get(k)
+                      for k in ("policy", "swaps_saved", "reordered", "max_bypassed")},
             "nvml_used_mib_at_end": reading.used_mib, "measured_mib": measured,
             "consumers": {n: {k: c.get(k) for k in ("loaded", "loads", "evictions", "total_requests",
                                                       "failed_requests", "costs")}
