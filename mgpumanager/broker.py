@@ -543,7 +543,7 @@ class Broker:
                             reading.error, target)
                 break
             self._attribute(reading, taken_at)
-            views = self.registry.views()
+            views = self._with_waiting(self.registry.views())
             self._check_beliefs(views, reading)
             for name in failed:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
@@ -590,6 +590,13 @@ class Broker:
         if c.load is not None and self.registry.loaded(target) is not True:
             job.lease.check()
             self._load(target, deadline, job.lease)
+
+    def _with_waiting(self, views: dict[str, ConsumerView]) -> dict[str, ConsumerView]:
+        """The views with how many queued jobs each consumer has: of equally
+        few victims, one the queue needs next is spared."""
+        waiting = Counter(j.consumer for j in self.lock.snapshot().jobs)
+        return {n: dataclasses.replace(v, waiting=waiting[n]) if waiting[n] else v
+                for n, v in views.items()}
 
     def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading):
         """What making room for target takes, by this reading and these beliefs."""

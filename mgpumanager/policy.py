@@ -27,6 +27,7 @@ class ConsumerView:
     can_unload: bool = False
     reload_s: float | None = None   # measured cost of loading it again; None: unmeasured
     measured_mib: int | None = None  # what its processes hold now; None: not measured
+    waiting: int = 0                 # jobs for it waiting in the queue now
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,11 @@ class Plan:
 
 
 def lru_key(view: ConsumerView) -> tuple:
-    """Never-used first, then by the end of the last job, oldest first;
-    between equally recent ones (never used, say), the cheaper to load
-    again first (unmeasured counts as dearest), then by name."""
-    return (view.last_used is not None, view.last_used or 0.0,
+    """Those no waiting job needs first (evict what is needed furthest
+    ahead); then never-used first, then by the end of the last job, oldest
+    first; between equally recent ones (never used, say), the cheaper to
+    load again first (unmeasured counts as dearest), then by name."""
+    return (view.waiting > 0, view.last_used is not None, view.last_used or 0.0,
             view.reload_s if view.reload_s is not None else float("inf"), view.name)
 
 

@@ -163,3 +163,14 @@ def test_a_live_reading_credits_no_one_it_cannot_see(target, views, total, free,
     p = plan_room(target, {v.name: v for v in views}, free_mib=free, total_mib=total,
                   cushion_mib=256, coexist=lambda a, b: frozenset((a, b)) in pairs, live=True)
     assert (p.victims, p.fits) == (victims, fits)
+
+
+def test_of_equally_few_victims_one_the_queue_needs_is_spared():
+    """LRU would unload tts (used longest ago), but a tts job waits: the
+    llm, needed by no waiting job, goes instead."""
+    views = [view("img", 14000, loaded=False), view("tts", 6000, last_used=1),
+             view("llm", 6000, last_used=2)]
+    views[1] = ConsumerView("tts", 6000, True, 1, False, True, waiting=2)
+    assert plan("img", views, free=TOTAL - 12000).victims == ("llm",)
+    views[1] = ConsumerView("tts", 6000, True, 1, False, True, waiting=0)
+    assert plan("img", views, free=TOTAL - 12000).victims == ("tts",)
