@@ -8,8 +8,9 @@ keep it from starving anyone:
 
 - no job is passed more than ``max_bypass`` times: a job passed that often
   goes next, whatever it costs;
-- nor does a job wait more than ``max_delay_s`` beyond its FIFO turn, the
-  moment it became the oldest waiting job: then it goes at the next grant.
+- nor does a job wait more than ``max_delay_s`` beyond its FIFO turn (the
+  first time the GPU came free while it was the oldest waiting job, when
+  FIFO would have run it): then it goes at the next grant.
 
 Among jobs that are due, the oldest goes first. Otherwise a higher
 ``priority`` goes first, then a job that needs no eviction, then the older.
