@@ -527,7 +527,10 @@ class Broker:
         target = job.consumer
         c = self.config.consumers[target]
         sched = self.config.scheduler
-        failed: set[str] = set()
+        # Unloaded (or tried) once for this job: never again. A consumer
+        # believed unloaded can be a candidate when memory is unexplained,
+        # and unloading it again frees no more the second time.
+        tried: set[str] = set()
         attempts = 0
         # Waiting for VRAM ends with the queue deadline or the lease's, whichever comes first.
         deadline = min(deadline, self.clock() + max(0.0, job.lease.deadline - time.monotonic()))
@@ -545,7 +548,7 @@ class Broker:
             self._attribute(reading, taken_at)
             views = self._with_waiting(self.registry.views())
             self._check_beliefs(views, reading)
-            for name in failed:
+            for name in tried:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
             plan = self.plan(target, views, reading)
             if plan.contradicted:
@@ -563,10 +566,10 @@ class Broker:
             if plan.fits and attempts < sched.evict_attempts:
                 attempts += 1
                 victim = plan.victims[0]
+                tried.add(victim)
                 t0 = self.clock()
                 if not self._unload(victim, f"to make room for {target}: {plan.reason}", job,
                                     job.lease):
-                    failed.add(victim)
                     continue
                 if self.reader.live:
                     # A victim only possibly loaded may have had nothing to

@@ -242,3 +242,38 @@ def test_a_client_leaving_while_its_job_waits_for_vram_frees_the_gpu():
     assert b.status()["scheduler"]["abandoned"] == 1
     assert b.status()["scheduler"]["rejected"] == 0
     assert [e["type"] for e in b.events.since()][-1] == "abandoned"
+
+
+class FixedReading:
+    """A live reading that nothing the broker does changes: memory held by
+    someone its unloads do not reach."""
+    source, live = "fixed", True
+
+    def __init__(self, used_mib, total_mib=20000):
+        self.used, self.total = used_mib, total_mib
+
+    def read(self):
+        from mgpumanager.gpu import GpuReading
+        return GpuReading("fixed", total_mib=self.total, used_mib=self.used,
+                          free_mib=self.total - self.used)
+
+    def close(self):
+        pass
+
+
+def test_making_room_unloads_each_consumer_at_most_once_per_job():
+    """Seen in the OOM storm benchmark: ComfyUI (state unknown) held its
+    memory; the planner took it for unexplained memory and unloaded ollama,
+    believed unloaded, five times over (freeing nothing each time), then
+    waited out the queue deadline."""
+    config = parse_config({**CONFIG, "consumers": {
+        **CONFIG["consumers"],
+        "ollama": {**CONFIG["consumers"]["ollama"], "vram_managed": False,
+                   "unload": {"path": "/api/generate"}}}}, "test.yaml")
+    actions = RecordingActions()
+    b = Broker(config, actions=actions, reader=FixedReading(used_mib=12000 + 2000))
+    set_loaded(b, mvoice=False, whisper=True, ollama=False)        # comfyui: unknown
+    with pytest.raises(InsufficientVram):
+        b.start_job("comfyui", "image")
+    unloads = [name for what, name in actions.calls if what == "unload"]
+    assert len(unloads) == len(set(unloads)), unloads
