@@ -177,6 +177,7 @@ class Broker:
         self._run_hist = Histogram()
         self._current: Lease | None = None           # whoever holds the GPU lock
         self._max_bypassed = 0                       # the most any granted job was passed
+        self._max_late_s = 0.0                       # the longest past its FIFO turn
         self._last_belief_problem = None             # under the GPU lock only
 
     # -- lifecycle -----------------------------------------------------------
@@ -335,6 +336,8 @@ class Broker:
         with self._stats_lock:
             self._current = lease
             self._max_bypassed = max(self._max_bypassed, ticket.bypassed)
+            if ticket.head_since is not None and ticket.granted_at is not None:
+                self._max_late_s = max(self._max_late_s, ticket.granted_at - ticket.head_since)
         return lease
 
     def _lease_released(self, lease: Lease) -> None:
@@ -832,6 +835,7 @@ class Broker:
                 "reordered": snap.reordered,
                 "swaps_saved": snap.swaps_saved,
                 "max_bypassed": self._max_bypassed,
+                "max_late_s": round(self._max_late_s, 3),
                 "oldest_queued_s": round(snap.oldest_queued_s, 3)
                 if snap.oldest_queued_s is not None else None,
                 "total_jobs": self._total_jobs,

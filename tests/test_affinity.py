@@ -71,7 +71,7 @@ def test_alternating_jobs_swap_less_under_affinity_and_never_over_commit(
         # (each passing the tts jobs once), then the tts jobs.
         assert order == ["image"] * 4 + ["tts"] * 4, order
         assert changes == 1 and st["swaps_saved"] >= 1
-        assert 1 <= st["max_bypassed"] <= 4
+        assert 1 <= st["max_bypassed"] <= 4 and st["max_late_s"] > 0
         assert st["evictions"] <= 2
 
 
@@ -141,3 +141,19 @@ def test_retry_after_counts_the_measured_swaps_ahead(small_gpu, echo, start_brok
     for t, out in waiters:
         t.join(60)
         assert out["result"].status_code == 200
+
+
+def test_no_job_waits_much_past_max_delay_s_after_its_turn(small_gpu, echo, start_broker):
+    sim = small_gpu
+    sim.comfyui.render_s = 3.0                      # 0.3 s each at time_scale 0.1
+    b = start_broker(two_services(sim, echo, max_bypass=100, max_delay_s=0.5))
+    b.wait_healthy("mvoice", "comfyui", "echo")
+    queue_behind_a_held_gpu(b, echo, ["image", "tts"] + ["image"] * 6)
+    wait_until(lambda: not sim.comfyui.busy, 20, "the last render")
+    order = kinds_in_order(sim)
+    # Never passed often enough to hit max_bypass: only max_delay_s lets it go.
+    assert order.index("tts") < len(order) - 1, order
+    st = b.status()["scheduler"]
+    # Its turn came when the held job ended; it went once 0.5 s had passed,
+    # after the render running then (generous: a busy machine).
+    assert 0.5 <= st["max_late_s"] < 3.0, st
