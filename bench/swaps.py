@@ -1,8 +1,10 @@
 """The swap benchmark: how often the broker unloads a model, FIFO against
 affinity, on realistic traces, next to the fewest swaps any order could make.
 
-Each trace is a list of jobs (arrival time, kind) in real seconds, sent
-open-loop (each job at its time, whatever came of the others) to the broker
+Each open-loop trace is a list of jobs (arrival time, kind) in real
+seconds, each sent at its time whatever came of the others; a closed-loop
+trace is a list of clients, each sending its next job when its last one
+answered (a curl loop). They go to the broker
 under gunicorn in front of the simulated services on a simulated 16 GiB GPU,
 where ComfyUI (13500 MiB) and mvoice (3200 MiB) do not fit together. The
 services load, run and free in realistic times (below), all sped up
