@@ -4,9 +4,9 @@ affinity, on realistic traces, next to the fewest swaps any order could make.
 Each open-loop trace is a list of jobs (arrival time, kind) in real
 seconds, each sent at its time whatever came of the others; a closed-loop
 trace is a list of clients, each sending its next job when its last one
-answered (a curl loop). They go to the broker
-under gunicorn in front of the simulated services on a simulated 16 GiB GPU,
-where ComfyUI (13500 MiB) and mvoice (3200 MiB) do not fit together. The
+answered (a curl loop). They go to the broker under gunicorn in front of
+the simulated services on a simulated 16 GiB GPU, where ComfyUI (13500
+MiB) and mvoice (3200 MiB) do not fit together. The
 services load, run and free in realistic times (below), all sped up
 ``TIME_SCALE`` times; arrivals and the broker's max_delay_s are scaled alike.
 
