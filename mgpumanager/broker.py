@@ -483,7 +483,8 @@ class Broker:
         total = latest.usable_mib or self.config.gpu.total_mib or sum(
             v.resident_mib for v in views.values())
         if live:
-            surely = sum(v.resident_mib if v.loaded else v.measured_mib or 0
+            surely = sum(v.resident_mib if v.loaded else min(v.measured_mib or 0,
+                                                              v.resident_mib // 4)
                          for v in views.values() if v.loaded is not None)
             free = min(latest.free_mib, total - surely)
         else:

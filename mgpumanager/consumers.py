@@ -298,6 +298,7 @@ class ConsumerState:
         self.cooldown_s = 0.0
         self.cooling_until: float | None = None   # monotonic
         self.measured: Measured | None = None     # from per-process attribution
+        self.measured_at = float("-inf")          # monotonic: when that was taken
         self.peak_measured_mib = 0
         # Measured: a load (route and confirmation, or a cold first job), an
         # unload (route and the memory showing free), a warm job's hold.
@@ -370,7 +371,9 @@ class ConsumerRegistry:
             return {n: ConsumerView(n, s.planned_mib, s.loaded, s.last_used,
                                     s.config.vram_managed, s.config.unload is not None,
                                     reload_s=s.load_cost.mean_s,
-                                    measured_mib=s.measured.mib if s.measured else None)
+                                    # Not a measurement older than the last change.
+                                    measured_mib=(s.measured.mib if s.measured and
+                                                  s.measured_at >= s.state_set_at else None))
                     for n, s in self._states.items()}
 
     def costs(self) -> dict[str, Costs]:
@@ -404,6 +407,7 @@ class ConsumerRegistry:
                 # The service's own account (ollama's /api/ps), where no
                 # per-process reading is configured.
                 s.measured = Measured(result.vram_mib, (), f"as {s.config.health} reports it")
+                s.measured_at = sent_at if sent_at is not None else self.clock()
                 s.peak_measured_mib = max(s.peak_measured_mib, result.vram_mib)
         if (changed or (first and not result.ok)) and self._on_health_change:
             self._on_health_change(name, result.ok, result.error)
@@ -420,6 +424,7 @@ class ConsumerRegistry:
             for name, m in measured.items():
                 s = self._states[name]
                 s.measured = m
+                s.measured_at = taken_at
                 if m.mib is None:
                     continue
                 if taken_at >= s.state_set_at:

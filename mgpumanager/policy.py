@@ -97,11 +97,13 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     used = total_mib - free_mib
     others = [v for v in views.values() if v.name != target and v.loaded is not False]
     # What unloaded consumers are measured still holding (a CUDA context, a
-    # cache) is theirs, not unexplained.
-    residue = sum(v.measured_mib or 0 for v in views.values()
+    # cache) is theirs, not unexplained; at most a quarter of their size,
+    # the most a consumer "not loaded" holds.
+    residue = sum(min(v.measured_mib or 0, v.resident_mib // 4) for v in views.values()
                   if v.name != target and v.loaded is False)
     others_mib = sum(v.resident_mib for v in others) + residue
-    surely_mib = sum(v.resident_mib for v in others if v.loaded is True) + residue
+    # Not the residue: a stale figure there must not deny a resident target.
+    surely_mib = sum(v.resident_mib for v in others if v.loaded is True)
     # Credit only what no possibly-loaded consumer could be holding: a live
     # reading cannot tell whose memory is whose.
     if me.loaded is False or (live and me.loaded is None):
@@ -129,7 +131,7 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
 
     candidates = eviction_candidates(target, views, coexist)
     if live:
-        own_residue = (me.measured_mib or 0) if me.loaded is False else 0
+        own_residue = min(me.measured_mib or 0, me.resident_mib // 4) if me.loaded is False else 0
         unexplained = used - others_mib - share - own_residue > cushion_mib
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (

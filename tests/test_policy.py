@@ -174,3 +174,14 @@ def test_of_equally_few_victims_one_the_queue_needs_is_spared():
     assert plan("img", views, free=TOTAL - 12000).victims == ("llm",)
     views[1] = ConsumerView("tts", 6000, True, 1, False, True, waiting=0)
     assert plan("img", views, free=TOTAL - 12000).victims == ("tts",)
+
+
+def test_an_unloaded_consumers_stale_measurement_explains_at_most_a_quarter_of_it():
+    """Seen in the OOM storm: ollama's last /api/ps (8000 MiB, from before its
+    eviction) made the reading look explained, so ComfyUI, resident, was
+    taken for not resident."""
+    views = [view("img", 13500, loaded=True, last_used=2),
+             view("llm", 8000, loaded=False, measured=8000),
+             view("stt", 1800, loaded=True, last_used=1)]
+    p = plan("img", views, free=TOTAL - 13500 - 1800, coexist=[("img", "stt")])
+    assert p.victims == () and not p.contradicted, p.reason

@@ -338,3 +338,13 @@ def test_a_missing_service_is_looked_for_again_at_most_once_a_second(monkeypatch
     now[0] += 1.5
     attribution.measure([])
     assert len(scans) == 2
+
+
+def test_a_measurement_from_before_an_unload_is_not_shown_to_the_planner():
+    reg = registry()
+    reg.record_measured({"a": Measured(900, (1,))}, reg.clock())
+    assert reg.views()["a"].measured_mib == 900
+    reg.mark_loaded("a", False)                 # unloaded: that figure is history
+    assert reg.views()["a"].measured_mib is None
+    reg.record_measured({"a": Measured(120, (1,))}, reg.clock())
+    assert reg.views()["a"].measured_mib == 120 and reg.loaded("a") is False
