@@ -34,7 +34,7 @@ from .gpu import GpuReader, GpuReading, GpuSampler, iso_utc, make_reader
 from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
 from .oslock import OsLock, default_lock_file
-from .policy import ConsumerView, plan_room
+from .policy import ConsumerView, context_allowance, plan_room
 from .schedule import Rules, choose_next
 from .procs import Attribution
 from .proxy import UpstreamPool
@@ -484,7 +484,7 @@ class Broker:
             v.resident_mib for v in views.values())
         if live:
             surely = sum(v.resident_mib if v.loaded else min(v.measured_mib or 0,
-                                                              v.resident_mib // 4)
+                                                              context_allowance(v.resident_mib))
                          for v in views.values() if v.loaded is not None)
             free = min(latest.free_mib, total - surely)
         else:
@@ -535,6 +535,10 @@ class Broker:
         # believed unloaded can be a candidate when memory is unexplained,
         # and unloading it again frees no more the second time.
         tried: set[str] = set()
+        # Unloaded, believed loaded, memory not yet shown: victim -> (free
+        # before, its size, until when to wait on). A service can free after
+        # evict_settle_s; unloading a second consumer then would be needless.
+        unshown: dict[str, tuple[int, int, float]] = {}
         attempts = 0
         # Waiting for VRAM ends with the queue deadline or the lease's, whichever comes first.
         deadline = min(deadline, self.clock() + max(0.0, job.lease.deadline - time.monotonic()))
@@ -550,6 +554,9 @@ class Broker:
                             reading.error, target)
                 break
             self._attribute(reading, taken_at)
+            for name, (before, size, until) in list(unshown.items()):
+                if reading.free_mib - before >= size // 2 or self.clock() >= until:
+                    del unshown[name]
             views = self._with_waiting(self.registry.views())
             self._check_beliefs(views, reading)
             for name in tried:
@@ -567,6 +574,9 @@ class Broker:
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
             if plan.fits and not plan.victims:
                 break
+            if plan.fits and unshown and self.clock() < deadline:
+                self.sleep(0.1)            # a victim's memory may still come
+                continue
             if plan.fits and attempts < sched.evict_attempts:
                 attempts += 1
                 victim = plan.victims[0]
@@ -581,8 +591,11 @@ class Broker:
                     settle_s = self.config.scheduler.evict_settle_s
                     if views[victim].loaded is not True:
                         settle_s = min(settle_s, UNSURE_SETTLE_S)
-                    self._settle(reading.free_mib, views[victim].resident_mib, plan.need_mib,
-                                 min(deadline, self.clock() + settle_s))
+                    shown = self._settle(reading.free_mib, views[victim].resident_mib,
+                                         plan.need_mib, min(deadline, self.clock() + settle_s))
+                    if not shown and views[victim].loaded is True:
+                        unshown[victim] = (reading.free_mib, views[victim].resident_mib,
+                                           self.clock() + self.config.scheduler.evict_settle_s)
                 if views[victim].loaded is True:     # a real unload: its cost, settle included
                     self.registry.record_cost(victim, "unload", self.clock() - t0)
                 continue
@@ -611,15 +624,17 @@ class Broker:
                          cushion_mib=self.config.gpu.cushion_mib,
                          coexist=self.config.may_coexist, live=self.reader.live)
 
-    def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> None:
-        """Poll the reading until the unload shows (drivers free memory late)."""
+    def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> bool:
+        """Poll the reading until the unload shows (drivers free memory late);
+        False if it did not by ``deadline``."""
         until = min(self.clock() + self.config.scheduler.evict_settle_s, deadline)
         while self.clock() < until:
             r = self.reader.read()
             if r.free_mib is not None and (r.free_mib >= need_mib
                                            or r.free_mib - free_before >= freed_mib // 2):
-                return
+                return True
             self.sleep(0.05)
+        return False
 
     def _unload(self, victim: str, why: str, job: Job | None, lease: Lease) -> bool:
         c = self.config.consumers[victim]

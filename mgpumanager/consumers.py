@@ -23,7 +23,7 @@ import requests
 from .config import Call, Config, ConsumerConfig, ModelsFrom
 from .errors import BrokerError
 from .gpu import iso_utc
-from .policy import ConsumerView
+from .policy import ConsumerView, context_allowance
 from .procs import Measured
 from .proxy import describe
 
@@ -414,11 +414,11 @@ class ConsumerRegistry:
 
     def record_measured(self, measured: dict[str, Measured], taken_at: float) -> list[str]:
         """Per-process measurements: truth about who holds VRAM. A consumer
-        measured holding a quarter of its configured size or more is loaded,
-        one holding less is not (every CUDA process holds its context, about
-        500-700 MiB, loaded or not: seen on an H100), unless the broker
-        changed its state after the reading was taken. Returns warnings for
-        consumers measured above their configured size."""
+        measured holding more than a CUDA context (policy.context_allowance)
+        is loaded, one holding no more is not (every CUDA process holds its
+        context, loaded or not: about 700 MiB seen on an H100), unless the
+        broker changed its state after the reading was taken. Returns
+        warnings for consumers measured above their configured size."""
         warnings = []
         with self._lock:
             for name, m in measured.items():
@@ -428,7 +428,7 @@ class ConsumerRegistry:
                 if m.mib is None:
                     continue
                 if taken_at >= s.state_set_at:
-                    s.loaded = m.mib > 0 and m.mib * 4 >= s.config.vram_resident_mib
+                    s.loaded = m.mib > context_allowance(s.config.vram_resident_mib)
                     s.state_set_at = taken_at
                 if m.mib > s.peak_measured_mib:
                     if m.mib > s.config.vram_resident_mib >= s.peak_measured_mib:

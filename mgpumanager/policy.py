@@ -15,6 +15,17 @@ from typing import Callable, Mapping
 # the greedy LRU walk is used instead.
 EXACT_SEARCH_LIMIT = 12
 
+# Every CUDA process holds a context, loaded or not: about 500-700 MiB on an
+# H100 with torch (bench/GPU.md), up to a GiB with larger workspaces.
+CONTEXT_MIB = 1024
+
+
+def context_allowance(resident_mib: int) -> int:
+    """The most a consumer measured without its model may hold: a context,
+    and never more than half its configured size (a small consumer's whole
+    footprint is not a context)."""
+    return min(CONTEXT_MIB, resident_mib // 2)
+
 
 @dataclass(frozen=True)
 class ConsumerView:
@@ -99,14 +110,17 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     # What unloaded consumers are measured still holding (a CUDA context, a
     # cache) is theirs, not unexplained; at most a quarter of their size,
     # the most a consumer "not loaded" holds.
-    residue = sum(min(v.measured_mib or 0, v.resident_mib // 4) for v in views.values()
-                  if v.name != target and v.loaded is False)
+    residue = sum(min(v.measured_mib or 0, context_allowance(v.resident_mib))
+                  for v in views.values() if v.name != target and v.loaded is False)
     others_mib = sum(v.resident_mib for v in others) + residue
     # Not the residue: a stale figure there must not deny a resident target.
     surely_mib = sum(v.resident_mib for v in others if v.loaded is True)
     # Credit only what no possibly-loaded consumer could be holding: a live
     # reading cannot tell whose memory is whose.
-    if me.loaded is False or (live and me.loaded is None):
+    if me.loaded is False:
+        # Its measured context is its own, part of its configured size.
+        share = min(me.measured_mib or 0, context_allowance(me.resident_mib)) if live else 0
+    elif live and me.loaded is None:
         share = 0
     else:
         share = min(me.resident_mib, max(0, used - others_mib))
@@ -131,8 +145,7 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
 
     candidates = eviction_candidates(target, views, coexist)
     if live:
-        own_residue = min(me.measured_mib or 0, me.resident_mib // 4) if me.loaded is False else 0
-        unexplained = used - others_mib - share - own_residue > cushion_mib
+        unexplained = used - others_mib - share > cushion_mib
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (
                      (v.name == target and me.loaded is None and unexplained) or
@@ -141,6 +154,12 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
         # The target itself last: if it is resident, unloading it is the dearest.
         candidates = sorted(candidates + extra, key=lambda v: (v.name == target, lru_key(v)))
     victims = _fewest_victims(candidates, need - room)
+    if victims is None and live and me.loaded is None and me.can_unload \
+            and not me.vram_managed and me not in candidates:
+        # Nobody else can make room, and the reading cannot say the target
+        # holds nothing: unloading it settles what it holds (last resort).
+        candidates = candidates + [me]
+        victims = _fewest_victims(candidates, need - room)
     if victims is None:
         evictable = sum(c.resident_mib for c in candidates)
         return Plan(need, room, (), False, False,

@@ -148,7 +148,7 @@ LIVE_CASES = [
                  id="a-possibly-resident-target-the-reading-leaves-no-room-for-is-no-victim"),
     # Seen on an H100: every torch process holds a 700 MiB context, loaded or
     # not. Measured, that is theirs, not memory that makes unloaded ones suspects.
-    pytest.param("img", [view("img", 32000, loaded=False, measured=700),
+    pytest.param("img", [view("img", 33000, loaded=False, measured=700),
                          view("tts", 30700, loaded=True, last_used=1, measured=30700),
                          view("stt", 30000, loaded=False, measured=700)],
                  64000, 64000 - 32100, (), ("tts",), True,
