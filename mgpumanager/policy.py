@@ -89,7 +89,10 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
       settles what it holds.
     - With a live reading, memory in use that no belief explains means a
       belief is stale (another process loaded something): consumers
-      believed not loaded become candidates too.
+      believed not loaded become candidates too. What consumers believed
+      not loaded are measured holding, up to a CUDA context
+      (``context_allowance``), is theirs and explained; a target's own is
+      its room.
     - A target believed resident needs nothing, unless the reading shows it
       cannot be (its share falls short of its size, or the beliefs add up to
       more than the GPU): then it is treated as not resident, and the plan
@@ -101,15 +104,17 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
       consumers that have an unload route, are not vram_managed and may not
       coexist with the target; among equally few, the least recently used.
       If even all of them would not make room, nothing is unloaded: the
-      caller waits for VRAM instead of evicting in vain.
+      caller waits for VRAM instead of evicting in vain; except that a
+      possibly-resident target nobody else can make room for is its own
+      last candidate (unloading it settles what it holds).
     """
     me = views[target]
     need = me.resident_mib + cushion_mib
     used = total_mib - free_mib
     others = [v for v in views.values() if v.name != target and v.loaded is not False]
     # What unloaded consumers are measured still holding (a CUDA context, a
-    # cache) is theirs, not unexplained; at most a quarter of their size,
-    # the most a consumer "not loaded" holds.
+    # cache) is theirs, not unexplained; at most its context allowance, the
+    # most a consumer "not loaded" holds.
     residue = sum(min(v.measured_mib or 0, context_allowance(v.resident_mib))
                   for v in views.values() if v.name != target and v.loaded is False)
     others_mib = sum(v.resident_mib for v in others) + residue
