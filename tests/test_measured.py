@@ -24,14 +24,13 @@ class World:
     def __init__(self, total):
         self.total = total
         self.held: dict[str, int] = {}
-        self.pending: dict[str, int] = {}
-        self.free_after: dict[str, int] = {}
+        self.pending: dict[str, float] = {}       # name -> when (monotonic) it frees
+        self.free_after: dict[str, float] = {}    # name -> seconds from its unload
         self.context: dict[str, int] = {}
 
     def tick(self):
-        for name in list(self.pending):
-            self.pending[name] -= 1
-            if self.pending[name] <= 0:
+        for name, at in list(self.pending.items()):
+            if time.monotonic() >= at:
                 del self.pending[name]
                 self.held[name] = self.context.get(name, 0)
 
@@ -82,7 +81,7 @@ class WorldActions:
         if what == "unload":
             later = self.world.free_after.get(c.name, 0)
             if later:
-                self.world.pending[c.name] = later
+                self.world.pending[c.name] = time.monotonic() + later
             else:
                 self.world.held[c.name] = self.world.context.get(c.name, 0)
         return None
@@ -152,15 +151,16 @@ def test_a_small_consumers_bare_context_is_not_a_loaded_model():
 
 
 def test_a_victim_that_frees_late_is_waited_for_not_joined_by_another():
-    """ComfyUI frees its memory only after the settle time; whisper, also
-    loaded, need not go."""
+    """ComfyUI frees its memory only after the settle time (1.5 s against
+    1 s); whisper, also loaded, need not go. Its memory is waited on for
+    another evict_settle_s, so 0.5 s of margin either side."""
     w = World(20000)
     w.held = {"comfyui": 10000, "whisper": 8000}
-    w.free_after = {"comfyui": 40}               # readings until it frees
+    w.free_after = {"comfyui": 1.5}
     b = broker(w, {"comfyui": {"paths": {"image": "/p"}, "vram_resident_mib": 10000},
                    "whisper": {"paths": {"stt": "/s"}, "vram_resident_mib": 8000},
                    "big": {"paths": {"llm": "/g"}, "vram_resident_mib": 10000}},
-               queue_timeout_s=5, evict_settle_s=0.2)
+               queue_timeout_s=10, evict_settle_s=1)
     for name in ("comfyui", "whisper"):
         b.registry.mark_loaded(name, True)
     b.registry.job_started("whisper")
@@ -187,7 +187,7 @@ def test_a_possibly_resident_target_nobody_else_can_make_room_for_is_unloaded_it
 def test_a_victim_that_never_frees_ends_the_job_at_its_deadline_and_frees_the_lock():
     w = World(20000)
     w.held = {"comfyui": 12000}
-    w.free_after = {"comfyui": 10 ** 9}
+    w.free_after = {"comfyui": 10.0 ** 9}
     b = broker(w, {"comfyui": {"paths": {"image": "/p"}, "vram_resident_mib": 12000},
                    "big": {"paths": {"llm": "/g"}, "vram_resident_mib": 10000}},
                queue_timeout_s=1, evict_settle_s=0.2)
