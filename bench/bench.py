@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -114,26 +115,39 @@ def broker_config(upstream: str, max_queue: int) -> dict:
     }
 
 
-def start_broker(tmp: Path, cfg: dict, name: str) -> tuple[subprocess.Popen, str, int]:
+def start_broker(tmp: Path, cfg: dict, name: str,
+                 timeout_s: float = 30) -> tuple[subprocess.Popen, str, int]:
+    """The broker under gunicorn on a port of its own (0: gunicorn picks; the
+    log says which), with an OS lock file of its own, so that it never waits
+    for a broker already running on this machine. Its log is tmp/NAME.log.
+    Returns (process, URL, the worker's pid) once it answers."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    env = dict(os.environ, MGPUMANAGER_CONFIG=str(path))
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                             "--bind", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
-                            stdout=open(tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    log_path = tmp / f"{name}.log"
+    env = dict(os.environ, MGPUMANAGER_CONFIG=str(path), MALLOC_ARENA_MAX="1",
+               MGPUMANAGER_LOCK_FILE=str(tmp / f"{name}.lock"), PYTHONUNBUFFERED="1")
+    env.pop("GUNICORN_CMD_ARGS", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
+                                 str(ROOT / "gunicorn.conf.py"), "--bind", "127.0.0.1:0",
+                                 "--no-control-socket"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    url = None
     while True:
+        if url is None:
+            m = re.search(r"Listening at: (http://\S+)", log_path.read_text())
+            url = m and m.group(1)
         try:
-            if requests.get(url + "/healthz", timeout=1).ok:
+            if url and requests.get(url + "/healthz", timeout=1).ok:
                 break
         except requests.RequestException:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError((tmp / f"{name}.log").read_text())
+            stop(proc)
+            raise RuntimeError(log_path.read_text()[-5000:])
         time.sleep(0.05)
-    pid = requests.get(url + "/v1/status").json()["broker"]["pid"]
+    pid = requests.get(url + "/v1/status", timeout=5).json()["broker"]["pid"]
     return proc, url, pid
 
 

@@ -16,8 +16,6 @@ Needs a machine with an NVIDIA GPU, torch, and the broker's dependencies.
 
 import argparse
 import json
-import os
-import re
 import socket
 import subprocess
 import sys
@@ -27,10 +25,11 @@ import time
 from pathlib import Path
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import start_broker  # noqa: E402
 from mgpumanager.gpu import NvmlReader  # noqa: E402
 
 KINDS = ("tts", "stt", "image")
@@ -80,8 +79,7 @@ def main() -> int:
         for kind, port in ports.items():
             wait_for(f"consumer {kind}", lambda: requests.get(
                 f"http://127.0.0.1:{port}/health", timeout=1).ok, 120)
-        scheduler = {"evict_settle_s": 20, "queue_timeout_s": 600, "max_queue": 64,
-                     "lock_file": str(tmp / "gpu.lock")}
+        scheduler = {"evict_settle_s": 20, "queue_timeout_s": 600, "max_queue": 64}
         if a.policy:
             scheduler["policy"] = a.policy
         config = {
@@ -101,25 +99,9 @@ def main() -> int:
                     "pids_from": {"port": port},
                 } for kind, port in ports.items()},
         }
-        cfg_path = tmp / "broker.yaml"
-        cfg_path.write_text(yaml.safe_dump(config))
-        log_path = tmp / "broker.log"
-        env = dict(os.environ, MGPUMANAGER_CONFIG=str(cfg_path), MALLOC_ARENA_MAX="1",
-                   PYTHONUNBUFFERED="1")
-        broker = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-             "--bind", "127.0.0.1:0", "--no-control-socket"],
-            cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        broker, url, _ = start_broker(tmp, config, "broker", timeout_s=60)
         procs.append(broker)
-        url = None
-
-        def ready():
-            nonlocal url
-            if url is None:
-                m = re.search(r"Listening at: (http://\S+)", log_path.read_text())
-                url = m and m.group(1)
-            return url is not None and requests.get(url + "/healthz", timeout=2).ok
-        wait_for("broker", ready, 60)
+        log_path = tmp / "broker.log"
 
         samples: list[int] = []
         stop = threading.Event()

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,10 +36,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import start_broker, stop  # noqa: E402
 from mgpumanager.sim import start_cluster  # noqa: E402
 
 TIME_SCALE = 0.05              # 20 times faster than the real services
@@ -224,19 +224,10 @@ def run_trace(trace: list[tuple[float, str]] | list[list[str]], policy: str,
     for name, times in SERVICE_TIMES.items():
         for key, value in times.items():
             setattr(sim.consumers[name], key, value)
-    cfg_path = tmp / f"broker-{policy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(broker_config(sim, policy)))
-    log_path = tmp / f"broker-{policy}.log"
-    env = dict(os.environ, MGPUMANAGER_CONFIG=str(cfg_path), MALLOC_ARENA_MAX="1",
-               MGPUMANAGER_LOCK_FILE=str(tmp / f"gpu-{policy}.lock"), PYTHONUNBUFFERED="1")
-    env.pop("GUNICORN_CMD_ARGS", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-             "--bind", "127.0.0.1:0", "--no-control-socket"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = None
     try:
-        url = wait_ready(proc, log_path)
+        proc, url, _ = start_broker(tmp, broker_config(sim, policy), f"broker-{policy}")
+        wait_healthy(url)
         results: list[tuple[int, float]] = []
         session_local = threading.local()
 
@@ -268,11 +259,11 @@ def run_trace(trace: list[tuple[float, str]] | list[list[str]], policy: str,
         makespan = max(t for _, t in results) - t0
         status = requests.get(url + "/v1/status", timeout=10).json()["scheduler"]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
         sim.stop()
+    log = (tmp / f"broker-{policy}.log").read_text()
     waits = sorted(float(w) for w in re.findall(r"\bjob consumer=\S+ kind=\S+ status=\S+ "
-                                                r"wait_ms=([\d.]+)", log_path.read_text()))
+                                                r"wait_ms=([\d.]+)", log))
     codes: dict[int, int] = {}
     for code, _ in results:
         codes[code] = codes.get(code, 0) + 1
@@ -284,24 +275,15 @@ def run_trace(trace: list[tuple[float, str]] | list[list[str]], policy: str,
             "codes": codes, "ooms": sim.gpu.ooms, "overlaps": len(sim.gpu.overlaps())}
 
 
-def wait_ready(proc: subprocess.Popen, log_path: Path, timeout_s: float = 30) -> str:
+def wait_healthy(url: str, timeout_s: float = 30) -> None:
+    """Until every consumer has passed a health probe."""
     deadline = time.monotonic() + timeout_s
-    url = None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited:\n{log_path.read_text()[-3000:]}")
-        if url is None:
-            m = re.search(r"Listening at: (http://\S+)", log_path.read_text())
-            url = m and m.group(1)
-        if url:
-            try:
-                status = requests.get(url + "/v1/status", timeout=2).json()
-                if all(c["healthy"] for c in status["consumers"].values()):
-                    return url
-            except requests.RequestException:
-                pass
+        status = requests.get(url + "/v1/status", timeout=5).json()
+        if all(c["healthy"] for c in status["consumers"].values()):
+            return
         time.sleep(0.1)
-    raise RuntimeError(f"the broker was not ready in {timeout_s} s:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"the consumers were not healthy in {timeout_s} s")
 
 
 def pct(values: list[float], p: float) -> float:

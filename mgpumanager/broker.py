@@ -35,9 +35,9 @@ from .gpulock import GpuLock, Ticket
 from .lease import JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
 from .oslock import OsLock, default_lock_file
 from .policy import ConsumerView, context_allowance, plan_room
-from .schedule import Rules, choose_next
 from .procs import Attribution
 from .proxy import UpstreamPool
+from .schedule import Rules, choose_next
 
 log = logging.getLogger("mgpumanager.broker")
 job_log = logging.getLogger("mgpumanager.jobs")
@@ -342,12 +342,7 @@ class Broker:
 
     def _lease_released(self, lease: Lease) -> None:
         self.watch.unwatch(lease)
-        job = lease.job
-        if job is not None and job.ran_ok and job.was_loaded is not None:
-            # Its hold, busy time included, is what the next job waits for;
-            # from an unknown state, it is neither a warm run nor a load.
-            self.registry.record_run(job.consumer, self.clock() - job.started,
-                                     cold=job.was_loaded is False)
+        released_at = self.clock()
         with self._stats_lock:
             if self._current is lease:
                 self._current = None
@@ -356,6 +351,12 @@ class Broker:
         # Let the woken head take the GIL now rather than after our
         # bookkeeping (measured: 0.25 ms of every hand-off).
         time.sleep(0)
+        job = lease.job
+        if job is not None and job.ran_ok and job.was_loaded is not None:
+            # Its hold, busy time included, is what the next job waits for;
+            # from an unknown state, it is neither a warm run nor a load.
+            self.registry.record_run(job.consumer, released_at - job.started,
+                                     cold=job.was_loaded is False)
 
     def _lease_expired(self, lease: Lease) -> None:
         """The watchdog's last resort: a lease still held past its deadline
@@ -491,9 +492,7 @@ class Broker:
             free = total - sum(v.resident_mib for v in views.values() if v.loaded is not False)
         fits = {}
         for name in {t.consumer for t in waiting if t.consumer in views}:
-            plan = plan_room(name, views, free_mib=max(0, free), total_mib=total,
-                             cushion_mib=self.config.gpu.cushion_mib,
-                             coexist=self.config.may_coexist, live=live)
+            plan = self._plan(name, views, max(0, free), total, live)
             fits[name] = plan.fits and not plan.victims
         choice = choose_next(waiting, fits, self.rules, now)
         # Counted by the lock if this job is granted (it may yet leave).
@@ -620,9 +619,13 @@ class Broker:
 
     def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading):
         """What making room for target takes, by this reading and these beliefs."""
-        return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
+        return self._plan(target, views, reading.free_mib, reading.usable_mib, self.reader.live)
+
+    def _plan(self, target: str, views: dict[str, ConsumerView], free_mib: int,
+              total_mib: int, live: bool):
+        return plan_room(target, views, free_mib=free_mib, total_mib=total_mib,
                          cushion_mib=self.config.gpu.cushion_mib,
-                         coexist=self.config.may_coexist, live=self.reader.live)
+                         coexist=self.config.may_coexist, live=live)
 
     def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> bool:
         """Poll the reading until the unload shows (drivers free memory late);
@@ -778,7 +781,7 @@ class Broker:
                 since = self.registry.idle_since(name)
                 if since is None or now - since < c.idle_unload_s:
                     continue
-                ticket = self.lock.try_acquire(f"{name}:idle-unload")
+                ticket = self.lock.try_acquire(f"{name}:idle-unload", consumer=name)
                 if ticket is None:
                     continue              # the GPU is busy: not idle, try later
                 if not self.oslock.try_acquire():

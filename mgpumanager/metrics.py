@@ -77,27 +77,20 @@ class BrokerCollector:
             for consumer, n in sorted(stats[key].items()):
                 c.add_metric([consumer], n)
             yield c
-        rejected = CounterMetricFamily("mgpumanager_rejected", "Jobs refused, by error code.",
-                                       labels=["code"])
-        for code, n in sorted(stats["rejected_by_code"].items()):
-            rejected.add_metric([code], n)
-        yield rejected
-        abandoned = CounterMetricFamily("mgpumanager_abandoned",
-                                        "Queued jobs dropped because their client left.")
-        abandoned.add_metric([], stats["abandoned"])
-        yield abandoned
-        client_errors = CounterMetricFamily(
-            "mgpumanager_client_errors", "Requests refused for the client's own fault "
-            "(bad, oversized or stalled bodies), by error code.", labels=["code"])
-        for code, n in sorted(stats["client_errors_by_code"].items()):
-            client_errors.add_metric([code], n)
-        yield client_errors
-        expired = CounterMetricFamily("mgpumanager_leases_expired",
-                                      "GPU leases the watchdog released past their deadline.")
-        expired.add_metric([], stats["leases_expired"])
-        yield expired
-
         for key, name, help_text in (
+                ("rejected_by_code", "mgpumanager_rejected", "Jobs refused, by error code."),
+                ("client_errors_by_code", "mgpumanager_client_errors",
+                 "Requests refused for the client's own fault (bad, oversized or stalled "
+                 "bodies), by error code.")):
+            c = CounterMetricFamily(name, help_text, labels=["code"])
+            for code, n in sorted(stats[key].items()):
+                c.add_metric([code], n)
+            yield c
+        for key, name, help_text in (
+                ("abandoned", "mgpumanager_abandoned",
+                 "Queued jobs dropped because their client left."),
+                ("leases_expired", "mgpumanager_leases_expired",
+                 "GPU leases the watchdog released past their deadline."),
                 ("reordered", "mgpumanager_jobs_reordered",
                  "Jobs granted the GPU ahead of an older waiting job (policy affinity)."),
                 ("swaps_saved", "mgpumanager_swaps_saved",
@@ -105,6 +98,7 @@ class BrokerCollector:
             c = CounterMetricFamily(name, help_text)
             c.add_metric([], stats[key])
             yield c
+
         depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.")
         depth.add_metric([], stats["queue_depth"])
         yield depth

@@ -189,39 +189,37 @@ def test_snapshot_reports_depth_and_oldest_wait():
 
 # -- a chooser (policy affinity) ------------------------------------------------
 
-def test_a_chooser_names_who_takes_the_free_lock_and_the_passed_are_counted():
-    lock = GpuLock(8, chooser=lambda waiting, now: len(waiting) - 1)   # the youngest
+def order_of_grants(lock: GpuLock, n: int = 3, before_release=None) -> list[str]:
+    """``n`` waiters queue behind a held lock in order w0, w1...; the order
+    in which the lock then grants them."""
     first = lock.acquire("holder", 1)
     order: list[str] = []
     go = threading.Event()
-    go.set()
+    go.set()                     # each waiter releases as soon as it has the lock
     threads = []
-    for i in range(3):
+    for i in range(n):
         threads.append(hold_in_thread(lock, f"w{i}", order, go))
         wait_for_depth(lock, i + 1)
-    jobs = lock.snapshot().jobs
-    assert [(j.label, j.bypassed) for j in jobs] == [("w0", 0), ("w1", 0), ("w2", 0)]
+    if before_release is not None:
+        before_release()
     lock.release(first)
     for th in threads:
         th.join(10)
-    assert order == ["w2", "w1", "w0"]
+    return order
+
+
+def test_a_chooser_names_who_takes_the_free_lock_and_the_passed_are_counted():
+    lock = GpuLock(8, chooser=lambda waiting, now: len(waiting) - 1)   # the youngest
+
+    def nobody_passed_yet():
+        jobs = lock.snapshot().jobs
+        assert [(j.label, j.bypassed) for j in jobs] == [("w0", 0), ("w1", 0), ("w2", 0)]
+    assert order_of_grants(lock, before_release=nobody_passed_yet) == ["w2", "w1", "w0"]
 
 
 def test_a_chooser_that_fails_or_answers_nonsense_falls_back_to_arrival_order():
     for chooser in (lambda waiting, now: 1 / 0, lambda waiting, now: 99):
-        lock = GpuLock(8, chooser=chooser)
-        first = lock.acquire("holder", 1)
-        order: list[str] = []
-        go = threading.Event()
-        go.set()
-        threads = []
-        for i in range(3):
-            threads.append(hold_in_thread(lock, f"w{i}", order, go))
-            wait_for_depth(lock, i + 1)
-        lock.release(first)
-        for th in threads:
-            th.join(10)
-        assert order == ["w0", "w1", "w2"]
+        assert order_of_grants(GpuLock(8, chooser=chooser)) == ["w0", "w1", "w2"]
 
 
 def test_a_chosen_waiter_that_leaves_hands_the_choice_on():
