@@ -151,6 +151,13 @@ class Broker:
         self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s,
                                   on_sample=self._attribute)
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
+        # Possibly loaded is counted held until settled. One that can be
+        # neither asked (a health `loaded`, a list of its models, its
+        # processes on a live reading) nor unloaded would never be settled:
+        # on a ledger it would refuse jobs that fit forever, and on a live
+        # reading it would make any memory in use look like its own. It
+        # counts as not loaded until its first job.
+        self.registry.assume_not_loaded(lambda c: not self._settleable(c))
         sched = config.scheduler
         self.rules = Rules(sched.policy, sched.max_bypass, sched.max_delay_s)
         self.lock = GpuLock(sched.max_queue, clock=clock, estimator=self._estimate_wait,
@@ -534,13 +541,20 @@ class Broker:
         # believed unloaded can be a candidate when memory is unexplained,
         # and unloading it again frees no more the second time.
         tried: set[str] = set()
-        # Unloaded, believed loaded, memory not yet shown: victim -> (free
-        # before, its size, until when to wait on). A service can free after
-        # evict_settle_s; unloading a second consumer then would be needless.
-        unshown: dict[str, tuple[int, int, float]] = {}
+        # Unloaded, memory not yet shown: victim -> (free before, its size,
+        # until when to wait on, whether it was surely loaded). A service can
+        # free after evict_settle_s: unloading a second consumer beside one
+        # surely loaded would be needless, and with nothing more to unload,
+        # any of them is worth waiting for.
+        unshown: dict[str, tuple[int, int, float, bool]] = {}
         attempts = 0
+        asked = False
         # Waiting for VRAM ends with the queue deadline or the lease's, whichever comes first.
         deadline = min(deadline, self.clock() + max(0.0, job.lease.deadline - time.monotonic()))
+        # The first jobs after a start: what the consumers say of themselves
+        # first (a health `loaded`, ollama's list), so that room is made by
+        # knowledge, not by unloading what may hold nothing.
+        self.health.wait_first_round(self.config.health.timeout_s + 1.0)
         while True:
             job.lease.check()
             # Every decision is checked against a fresh reading, also for a
@@ -553,7 +567,7 @@ class Broker:
                             reading.error, target)
                 break
             self._attribute(reading, taken_at)
-            for name, (before, size, until) in list(unshown.items()):
+            for name, (before, size, until, _) in list(unshown.items()):
                 if reading.free_mib - before >= size // 2 or self.clock() >= until:
                     del unshown[name]
             views = self._with_waiting(self.registry.views())
@@ -561,6 +575,14 @@ class Broker:
             for name in tried:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
             plan = self.plan(target, views, reading)
+            if not asked and (plan.contradicted or not plan.fits):
+                # Beliefs that leave no room may be stale (a service unloaded
+                # by itself, or was restarted): ask every consumer once, then
+                # plan again.
+                asked = True
+                for name in self.registry.names():
+                    self.health.probe(name)
+                continue
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "
                            f"({reading.free_mib} MiB free of {reading.total_mib}, "
@@ -573,7 +595,8 @@ class Broker:
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
             if plan.fits and not plan.victims:
                 break
-            if plan.fits and unshown and self.clock() < deadline:
+            if plan.fits and any(sure for *_, sure in unshown.values()) \
+                    and self.clock() < deadline:
                 self.sleep(0.1)            # a victim's memory may still come
                 continue
             if plan.fits and attempts < sched.evict_attempts:
@@ -592,15 +615,21 @@ class Broker:
                         settle_s = min(settle_s, UNSURE_SETTLE_S)
                     shown = self._settle(reading.free_mib, views[victim].resident_mib,
                                          plan.need_mib, min(deadline, self.clock() + settle_s))
-                    if not shown and views[victim].loaded is True:
+                    if not shown:
                         unshown[victim] = (reading.free_mib, views[victim].resident_mib,
-                                           self.clock() + self.config.scheduler.evict_settle_s)
+                                           self.clock() + self.config.scheduler.evict_settle_s,
+                                           views[victim].loaded is True)
                 if views[victim].loaded is True:     # a real unload: its cost, settle included
                     self.registry.record_cost(victim, "unload", self.clock() - t0)
                 continue
-            # Nothing more may be evicted: wait for VRAM to come free (ollama
-            # expires its own models) until the job's queue deadline.
-            if self.clock() >= deadline:
+            # Nothing more may be evicted. Wait for VRAM only where something
+            # may free it by itself (ollama expires its own models, another
+            # program exits, a victim frees late), until the job's queue
+            # deadline; a ledger that nothing will change refuses at once.
+            # A victim measured still holding its memory was asked to free it.
+            freeing = any((views[n].measured_mib or 0) > context_allowance(views[n].resident_mib)
+                          for n in tried)
+            if not (plan.may_free or unshown or freeing) or self.clock() >= deadline:
                 raise InsufficientVram(f"{plan.reason}; {self._holders(reading)}",
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
             if cancelled is not None and cancelled():
@@ -732,6 +761,13 @@ class Broker:
         log.warning("beliefs contradicted: %s", problem)
         self.events.add("beliefs_contradicted", problem, believed_mib=believed,
                         used_mib=reading.used_mib, total_mib=reading.total_mib)
+
+    def _settleable(self, c) -> bool:
+        """Whether a consumer's unknown state can be settled: by unloading
+        it, or by asking (a list of its models, its processes on a live
+        reading; a health `loaded` is known only once it answers)."""
+        return (c.unload is not None or c.loaded_from is not None
+                or (c.pids_from is not None and self.reader.live))
 
     def _call(self, c, call, lease: Lease) -> str | None:
         """An admin call under a lease ends by the lease's deadline: it must

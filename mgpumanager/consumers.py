@@ -285,6 +285,7 @@ class ConsumerState:
         # Unknown at start, for every consumer: possibly resident, so counted
         # in every sum (over-committing is worse than a needless unload).
         self.loaded: bool | None = None
+        self.reports = False               # its probe has said whether it is loaded
         self.state_set_at = float("-inf")  # monotonic: when the broker last set `loaded`
         self.last_used: float | None = None        # monotonic, for LRU
         self.last_used_wall: float | None = None
@@ -373,7 +374,8 @@ class ConsumerRegistry:
                                     reload_s=s.load_cost.mean_s,
                                     # Not a measurement older than the last change.
                                     measured_mib=(s.measured.mib if s.measured and
-                                                  s.measured_at >= s.state_set_at else None))
+                                                  s.measured_at >= s.state_set_at else None),
+                                    reports=s.reports)
                     for n, s in self._states.items()}
 
     def costs(self) -> dict[str, Costs]:
@@ -401,6 +403,7 @@ class ConsumerRegistry:
             if not result.ok:
                 s.last_error = result.error
             if result.loaded is not None:
+                s.reports = True
                 if sent_at is None or sent_at >= s.state_set_at:
                     s.loaded = result.loaded
             if result.vram_mib is not None and s.config.pids_from is None:
@@ -486,6 +489,16 @@ class ConsumerRegistry:
         with self._lock:
             self._states[name].failed_requests += 1
 
+    def assume_not_loaded(self, unknowable: Callable[[ConsumerConfig], bool]) -> list[str]:
+        """Consumers of unknown state that ``unknowable`` says can never be
+        settled count as not loaded until their first job; returns their names."""
+        with self._lock:
+            names = [n for n, s in self._states.items()
+                     if s.loaded is None and unknowable(s.config)]
+            for n in names:
+                self._states[n].loaded = False
+        return names
+
     def mark_loaded(self, name: str, loaded: bool, *, counted: str | None = None) -> None:
         with self._lock:
             s = self._states[name]
@@ -546,10 +559,22 @@ class HealthMonitor:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
                                           name=f"health-{name}") for name in registry.names()]
+        self._unprobed = set(registry.names())
+        self._first_round = threading.Event()     # every consumer answered (or not) once
+        self._started = False
 
     def start(self) -> None:
+        self._started = True
         for t in self._threads:
             t.start()
+
+    def wait_first_round(self, timeout_s: float) -> bool:
+        """Wait until every consumer has been probed once (what they say of
+        their load state is the broker's first knowledge), at most
+        ``timeout_s``; at once if the probes were never started."""
+        if not self._started or self._first_round.is_set():
+            return True
+        return self._first_round.wait(timeout_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -571,5 +596,9 @@ class HealthMonitor:
                 self.probe(name)
             except Exception:
                 log.exception("health probe of %s failed", name)
+            if name in self._unprobed:
+                self._unprobed.discard(name)
+                if not self._unprobed:
+                    self._first_round.set()
             self._stop.wait(self.interval_s)
 

@@ -39,6 +39,7 @@ class ConsumerView:
     reload_s: float | None = None   # measured cost of loading it again; None: unmeasured
     measured_mib: int | None = None  # what its processes hold now; None: not measured
     waiting: int = 0                 # jobs for it waiting in the queue now
+    reports: bool = False            # asking it tells whether it is loaded
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Plan:
     never_fits: bool             # it cannot fit whatever is unloaded
     reason: str
     contradicted: bool = False   # the reading shows the target cannot be resident as believed
+    # It does not fit now, but memory may come free without the broker: a
+    # vram_managed consumer expires its own models, or a live reading shows
+    # memory no belief explains (another program's, a late free). Without
+    # either, waiting cannot help: refuse at once.
+    may_free: bool = False
 
 
 def lru_key(view: ConsumerView) -> tuple:
@@ -63,10 +69,14 @@ def lru_key(view: ConsumerView) -> tuple:
 
 def eviction_candidates(target: str, views: Mapping[str, ConsumerView],
                         coexist: Callable[[str, str], bool]) -> list[ConsumerView]:
+    """Who may be unloaded for ``target``: a loaded consumer that may not
+    stay beside it, and one of unknown state even if it may (every sum
+    counts it, and unloading it settles what it holds). Those that must go
+    anyway first."""
     return sorted((v for v in views.values()
                    if v.name != target and not v.vram_managed and v.can_unload
-                   and v.loaded is not False and not coexist(v.name, target)),
-                  key=lru_key)
+                   and (v.loaded is None or (v.loaded and not coexist(v.name, target)))),
+                  key=lambda v: (coexist(v.name, target), lru_key(v)))
 
 
 def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
@@ -100,11 +110,13 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     - It needs its resident VRAM plus the cushion. It never fits if that is
       more than the total less what vram_managed consumers hold, as far as
       the reading confirms them.
-    - Otherwise the fewest victims among the loaded (or possibly loaded)
-      consumers that have an unload route, are not vram_managed and may not
-      coexist with the target; among equally few, the least recently used.
+    - Otherwise the fewest victims among the consumers that have an unload
+      route, are not vram_managed, and are loaded and may not coexist with
+      the target or are of unknown state (unloading settles it); among
+      equally few, those that must go anyway, then the least recently used.
       If even all of them would not make room, nothing is unloaded: the
-      caller waits for VRAM instead of evicting in vain; except that a
+      caller waits for VRAM if something may free it by itself
+      (``may_free``) and refuses at once if not; except that a
       possibly-resident target nobody else can make room for is its own
       last candidate (unloading it settles what it holds).
     """
@@ -149,15 +161,22 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
                     contradicted)
 
     candidates = eviction_candidates(target, views, coexist)
+    unexplained = live and used - others_mib - share > cushion_mib
+    # Memory no belief explains may come free by itself, unless it may be
+    # the target's own; a vram_managed consumer frees by itself, and a
+    # ledger sees it only if asking says so.
+    may_free = (live and used - others_mib - share
+                - (me.resident_mib if me.loaded is None else 0) > cushion_mib) \
+        or any(v.vram_managed and (live or v.reports) for v in others)
     if live:
-        unexplained = used - others_mib - share > cushion_mib
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (
                      (v.name == target and me.loaded is None and unexplained) or
                      (unexplained and v.name != target and v.loaded is False
                       and not coexist(v.name, target)))]
         # The target itself last: if it is resident, unloading it is the dearest.
-        candidates = sorted(candidates + extra, key=lambda v: (v.name == target, lru_key(v)))
+        candidates = sorted(candidates + extra, key=lambda v: (
+            v.name == target, coexist(v.name, target), lru_key(v)))
     victims = _fewest_victims(candidates, need - room)
     if victims is None and live and me.loaded is None and me.can_unload \
             and not me.vram_managed and me not in candidates:
@@ -170,7 +189,7 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
         return Plan(need, room, (), False, False,
                     f"{target} needs {need} MiB, {room} MiB free, and unloading every "
                     f"consumer that may be unloaded would free only {evictable} MiB more",
-                    contradicted)
+                    contradicted, may_free)
     names = tuple(v.name for v in victims)
     return Plan(need, room, names, True, False,
                 f"{target} needs {need} MiB, {room} MiB free: unload {', '.join(names)}",

@@ -138,9 +138,15 @@ def test_a_failed_unload_is_counted_and_the_next_candidate_tried():
     assert b.lock.snapshot().holder is None
 
 
-def test_with_nothing_left_to_evict_it_waits_until_the_deadline_then_refuses():
+def ollama_says_it_is_loaded(b):
+    """ollama (vram_managed) as its /api/ps answers: loaded, and it frees by itself."""
+    b.registry.record_health("ollama", HealthResult(True, loaded=True))
+
+
+def test_with_nothing_left_to_evict_it_waits_for_what_frees_by_itself_then_refuses():
     b, actions = make_broker(fail=["comfyui", "whisper"])
-    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    set_loaded(b, comfyui=True, whisper=True, mvoice=False)
+    ollama_says_it_is_loaded(b)
     before = b.events.since()[-1]["id"] if b.events.since() else 0
     t0 = time.monotonic()
     with pytest.raises(InsufficientVram) as info:
@@ -150,6 +156,20 @@ def test_with_nothing_left_to_evict_it_waits_until_the_deadline_then_refuses():
     assert b.lock.snapshot().holder is None
     refused = [e for e in b.events.since(before) if e["type"] == "refused"]
     assert len(refused) == 1 and refused[0]["code"] == "insufficient_vram"
+
+
+def test_with_nothing_left_to_evict_and_nothing_to_free_by_itself_it_refuses_at_once():
+    """ollama's state is only believed (its probe says nothing): a ledger
+    would never see it expire its models, so waiting cannot help."""
+    b, actions = make_broker({"scheduler": {"queue_timeout_s": 30, "evict_settle_s": 0}},
+                             fail=["comfyui", "whisper"])
+    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    t0 = time.monotonic()
+    with pytest.raises(InsufficientVram) as info:
+        b.start_job("mvoice", "tts")
+    assert time.monotonic() - t0 < 2
+    assert "ollama 6000 MiB (vram_managed), comfyui 12000 MiB" in info.value.message
+    assert actions.calls == [("unload", "comfyui")]    # whisper alone would not do
 
 
 def test_an_unhealthy_consumer_is_refused_before_queueing():
@@ -231,7 +251,8 @@ def test_a_probe_answer_from_before_an_unload_does_not_undo_it():
 
 def test_a_client_leaving_while_its_job_waits_for_vram_frees_the_gpu():
     b, _ = make_broker({"scheduler": {"queue_timeout_s": 30}}, fail=["comfyui", "whisper"])
-    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    set_loaded(b, comfyui=True, whisper=True, mvoice=False)
+    ollama_says_it_is_loaded(b)
     gone = threading.Event()
     threading.Timer(0.2, gone.set).start()
     t0 = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -51,7 +51,13 @@ def test_metrics_parse_and_move_when_jobs_run(broker):
 def test_events_can_be_polled_with_since(broker):
     first = requests.get(broker.url + "/v1/events").json()
     requests.post(broker.url + "/v1/tts", json={"text": "hi"})
-    newer = requests.get(broker.url + f"/v1/events?since={first['last_id']}").json()
+
+    def newer_events():
+        return requests.get(broker.url + f"/v1/events?since={first['last_id']}").json()
+    # The job's event is written once its answer has gone out, so a moment later.
+    wait_until(lambda: any(e["type"] == "job" for e in newer_events()["events"]),
+               what="the job's event")
+    newer = newer_events()
     assert newer["events"] and all(e["id"] > first["last_id"] for e in newer["events"])
     job = [e for e in newer["events"] if e["type"] == "job"][-1]
     assert job["consumer"] == "mvoice" and job["status"] == 200 and job["wait_ms"] >= 0

@@ -1,0 +1,377 @@
+"""The planner against a simulated GPU, model-based (hypothesis stateful).
+
+A ``Truth`` knows what each consumer really holds: some are loaded at
+start, some free late after an unload, some say in their health probe
+whether they are loaded, and (on a live reading) other programs take
+memory behind the broker's back. The broker runs in process on a fake
+clock, with its own beliefs. After every job:
+
+- never over-commit: when a job starts, what the GPU really holds beside
+  it, plus the target, fits;
+- never refuse or wait when some set of allowed unloads would make room
+  (allowed: an unload route, not vram_managed, and either not allowed
+  beside the target or of a state the broker does not know);
+- never unload a consumer twice for one job;
+- every job ends (the fake clock refuses to run forever).
+
+On the ledger nothing frees late: an unload route that answers before its
+memory is free cannot be seen by a ledger, and presets wait for it
+(ComfyUI's ``until_freed``). A consumer that can be neither asked nor
+unloaded is not loaded at start: the contract's assumption.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, assume, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mgpumanager.broker import Broker
+from mgpumanager.config import parse_config
+from mgpumanager.consumers import HealthResult
+from mgpumanager.errors import InsufficientVram
+from mgpumanager.gpu import GpuReading
+
+TOTAL = 16000
+CUSHION = 256
+SETTLE_S = 2.0
+QUEUE_TIMEOUT_S = 300.0
+SIZES = (500, 1000, 3000, 8000, 13000)
+NAMES = ("a", "b", "c", "d", "e")
+
+
+class FakeClock:
+    """Time moves only when the broker sleeps; a wait that never ends fails."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        assert self.sleeps < 200_000, "the broker waited forever"
+        self.now += max(seconds, 0.001)
+
+
+class Truth:
+    def __init__(self, clock: FakeClock, spec: dict):
+        self.clock = clock
+        self.spec = spec
+        self.held = {n: 0 for n in spec}
+        self.frees_at: dict[str, float] = {}     # late frees in flight
+        self.foreign = 0                         # memory other programs hold
+
+    def tick(self) -> None:
+        for name, at in list(self.frees_at.items()):
+            if self.clock() >= at:
+                del self.frees_at[name]
+                self.held[name] = 0
+
+    def used(self) -> int:
+        self.tick()
+        return sum(self.held.values()) + self.foreign
+
+
+class TruthReader:
+    source, live = "truth", True
+
+    def __init__(self, truth: Truth):
+        self.truth = truth
+
+    def read(self) -> GpuReading:
+        used = self.truth.used()
+        return GpuReading("truth", total_mib=TOTAL, used_mib=used, free_mib=TOTAL - used)
+
+    def close(self):
+        pass
+
+
+class TruthActions:
+    def __init__(self, truth: Truth, live: bool):
+        self.truth = truth
+        self.live = live
+        self.unloads: list[str] = []
+
+    def probe_health(self, c):
+        s = self.truth.spec[c.name]
+        self.truth.tick()
+        return HealthResult(True, loaded=(self.truth.held[c.name] > 0) if s["reports"] else None)
+
+    def call(self, c, call, timeout_s=None):
+        assert call is c.unload
+        self.unloads.append(c.name)
+        late = self.truth.spec[c.name]["late_s"]
+        if self.live and late and self.truth.held[c.name]:
+            self.truth.frees_at[c.name] = self.truth.clock() + late
+        else:
+            self.truth.held[c.name] = 0
+        return None
+
+    def is_busy(self, c):
+        return False
+
+
+@st.composite
+def worlds(draw):
+    n = draw(st.integers(2, 5))
+    spec = {}
+    for name in NAMES[:n]:
+        managed = draw(st.integers(0, 5)) == 0      # ollama: frees by itself, says so
+        spec[name] = {"size": draw(st.sampled_from(SIZES)),
+                      "managed": managed,
+                      "unload": not managed and draw(st.booleans()),
+                      "reports": managed or draw(st.booleans()),
+                      "late_s": draw(st.sampled_from([0, 0, 1.0, 3.0])),
+                      "loaded": draw(st.booleans())}
+    pairs = [p for p in itertools.combinations(spec, 2) if draw(st.booleans())]
+    # Loaded at start only what fits, and never one the broker can neither
+    # ask nor unload (the contract's assumption).
+    used = 0
+    for name, s in spec.items():
+        s["loaded"] = s["loaded"] and (s["unload"] or s["reports"]) \
+            and used + s["size"] <= TOTAL
+        used += s["size"] if s["loaded"] else 0
+    return spec, pairs
+
+
+class PlannerMachine(RuleBasedStateMachine):
+    live = False
+
+    @initialize(world=worlds())
+    def boot(self, world):
+        spec, pairs = world
+        self.spec, self.pairs = spec, pairs
+        self.clock = FakeClock()
+        self.truth = Truth(self.clock, spec)
+        for name, s in spec.items():
+            self.truth.held[name] = s["size"] if s["loaded"] else 0
+        consumers = {}
+        for i, (name, s) in enumerate(spec.items()):
+            consumers[name] = {"url": f"http://127.0.0.1:{i + 1}", "paths": {f"k{name}": "/"},
+                               "vram_resident_mib": s["size"],
+                               "can_coexist_with": [y if x == name else x for x, y in pairs
+                                                    if name in (x, y)]}
+            if s["unload"]:
+                consumers[name]["unload"] = {"path": "/unload"}
+            if s["managed"]:
+                consumers[name]["vram_managed"] = True
+        config = parse_config({
+            "gpu": {"backend": "ledger", "total_mib": TOTAL, "cushion_mib": CUSHION},
+            "scheduler": {"queue_timeout_s": QUEUE_TIMEOUT_S, "evict_settle_s": SETTLE_S,
+                          "lock_file": None},
+            "routes": {f"k{n}": n for n in spec}, "consumers": consumers}, "model.yaml")
+        self.actions = TruthActions(self.truth, self.live)
+        self.broker = Broker(config, reader=TruthReader(self.truth) if self.live else None,
+                             actions=self.actions, clock=self.clock, sleep=self.clock.sleep)
+        # The broker's first round of health probes, before its first job.
+        for name in spec:
+            self.broker.health.probe(name)
+
+    def teardown(self):
+        if hasattr(self, "broker"):
+            self.broker.stop()
+
+    def coexist(self, a: str, b: str) -> bool:
+        return (a, b) in self.pairs or (b, a) in self.pairs
+
+    def room_possible(self, target: str, beliefs: dict) -> bool:
+        """Whether unloading every consumer the broker may unload would make
+        room in truth (the target's own memory counts for it)."""
+        self.truth.tick()
+        stays = sum(held for name, held in self.truth.held.items() if name != target and not (
+            self.spec[name]["unload"]
+            and (not self.coexist(name, target) or beliefs[name] is None)))
+        return TOTAL - self.truth.foreign - stays >= self.spec[target]["size"] + CUSHION
+
+    def may_free_by_itself(self) -> bool:
+        return bool(self.truth.frees_at) or (self.live and self.truth.foreign > 0) or any(
+            self.truth.held[n] for n, s in self.spec.items() if s["managed"])
+
+    @rule(data=st.data())
+    def job(self, data):
+        target = data.draw(st.sampled_from(sorted(self.spec)))
+        beliefs = {n: self.broker.registry.loaded(n) for n in self.spec}
+        possible = self.room_possible(target, beliefs)
+        free_by_itself = self.may_free_by_itself()
+        t0, unloads_before = self.clock(), len(self.actions.unloads)
+        try:
+            job = self.broker.start_job(target, f"k{target}")
+        except InsufficientVram as e:
+            unloads = self.actions.unloads[unloads_before:]
+            assert len(unloads) == len(set(unloads)), f"unloaded twice for one job: {unloads}"
+            assert not possible, f"refused {target} though unloads would make room: {e}"
+            if not free_by_itself and not self.may_free_by_itself():
+                waited = self.clock() - t0
+                assert waited <= (len(unloads) + 1) * 2 * SETTLE_S, \
+                    f"waited {waited:.1f} s for VRAM nothing could free: {e}"
+            return
+        unloads = self.actions.unloads[unloads_before:]
+        assert len(unloads) == len(set(unloads)), f"unloaded twice for one job: {unloads}"
+        others = self.truth.used() - self.truth.held[target]
+        assert others + self.spec[target]["size"] <= TOTAL, (
+            f"over-commit: {target} ({self.spec[target]['size']}) beside {others} MiB "
+            f"of {TOTAL}; truth {self.truth.held}, unloads {unloads}")
+        if not free_by_itself:
+            waited = self.clock() - t0
+            assert waited <= len(unloads) * 2 * SETTLE_S + 1, f"waited {waited:.1f} s"
+        self.truth.held[target] = self.spec[target]["size"]
+        self.truth.frees_at.pop(target, None)
+        job.finish(ok=True, status=200)
+
+    @rule(data=st.data())
+    def a_managed_consumer_expires_its_model(self, data):
+        managed = sorted(n for n, s in self.spec.items() if s["managed"])
+        assume(managed)
+        self.truth.held[data.draw(st.sampled_from(managed))] = 0
+
+    @rule(data=st.data())
+    def probe(self, data):
+        self.broker.health.probe(data.draw(st.sampled_from(sorted(self.spec))))
+
+    @rule(seconds=st.sampled_from([0.5, 5.0]))
+    def time_passes(self, seconds):
+        self.clock.now += seconds
+
+    @invariant()
+    def the_gpu_lock_is_free_between_jobs(self):
+        if hasattr(self, "broker"):
+            assert self.broker.lock.snapshot().holder is None
+
+
+class LivePlannerMachine(PlannerMachine):
+    live = True
+
+    # A reading cannot tell another program's memory from a resident
+    # target's: without per-process attribution, a consumer that frees behind
+    # the broker's back while another program takes the same memory looks
+    # exactly like one still resident. The model keeps the two apart: a
+    # program takes memory only while every belief in a loaded consumer holds.
+    @precondition(lambda self: self.truth.foreign == 0 and all(
+        self.truth.held[n] for n in self.spec if self.broker.registry.loaded(n) is True))
+    @rule(mib=st.sampled_from([2000, 6000]))
+    def another_program_takes_memory(self, mib):
+        assume(self.truth.used() + mib <= TOTAL)
+        self.truth.foreign = mib
+
+    @precondition(lambda self: self.truth.foreign > 0)
+    @rule()
+    def the_other_program_exits(self):
+        self.truth.foreign = 0
+
+    # Only one that can be asked: of two that cannot, the reading cannot
+    # say which one left.
+    @precondition(lambda self: self.truth.foreign == 0)
+    @rule(data=st.data())
+    def a_consumer_frees_behind_the_brokers_back(self, data):
+        reporting = sorted(n for n, s in self.spec.items() if s["reports"])
+        assume(reporting)
+        self.truth.held[data.draw(st.sampled_from(reporting))] = 0
+
+
+SETTINGS = settings(max_examples=150, stateful_step_count=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _own_lock_file(own_gpu_lock_file):
+    pass
+
+
+TestPlannerOnTheLedger = PlannerMachine.TestCase
+TestPlannerOnTheLedger.settings = SETTINGS
+TestPlannerOnALiveReading = LivePlannerMachine.TestCase
+TestPlannerOnALiveReading.settings = SETTINGS
+
+
+# -- the cases that were found with real services, as examples ---------------
+
+def in_process_broker(consumers: dict, truth_held: dict | None = None, *, live=False):
+    """A broker on the ledger (or a live reading of ``Truth``) over these
+    consumers; returns (broker, truth, clock)."""
+    clock = FakeClock()
+    spec = {n: {"late_s": 0, "reports": False, "size": c["vram_resident_mib"]}
+            for n, c in consumers.items()}
+    truth = Truth(clock, spec)
+    truth.held.update(truth_held or {})
+    config = parse_config({
+        "gpu": {"backend": "ledger", "total_mib": TOTAL, "cushion_mib": CUSHION},
+        "scheduler": {"queue_timeout_s": QUEUE_TIMEOUT_S, "evict_settle_s": SETTLE_S},
+        "routes": {k: n for n, c in consumers.items() for k in c["paths"]},
+        "consumers": {n: {"url": f"http://127.0.0.1:{i + 1}", **c}
+                      for i, (n, c) in enumerate(consumers.items())}}, "t.yaml")
+    actions = TruthActions(truth, live)
+    broker = Broker(config, reader=TruthReader(truth) if live else None, actions=actions,
+                    clock=clock, sleep=clock.sleep)
+    return broker, truth, clock
+
+
+FIVE_SERVICES = {   # issue 18's box: a 16000 MiB card without NVIDIA's library
+    "comfyui": {"paths": {"image": "/prompt"}, "vram_resident_mib": 13000,
+                "unload": {"path": "/free"}},
+    "llm": {"paths": {"llm": "/completion"}, "vram_resident_mib": 8000,
+            "unload": {"command": ["systemctl", "stop", "llama-server"]}},
+    "whisper": {"paths": {"stt": "/inference"}, "vram_resident_mib": 1000,
+                "unload": {"command": ["systemctl", "stop", "whisper-server"]},
+                "can_coexist_with": ["comfyui", "llm", "fw", "piper"]},
+    "fw": {"paths": {"stt2": "/v1/audio/transcriptions"}, "vram_resident_mib": 1000,
+           "can_coexist_with": ["comfyui", "llm", "piper"]},
+    "piper": {"paths": {"tts": "/synthesize"}, "vram_resident_mib": 500,
+              "can_coexist_with": ["comfyui", "llm"]},
+}
+
+
+def test_a_fresh_broker_on_the_ledger_runs_its_first_tts_job_at_once(own_gpu_lock_file):
+    """Every consumer started possibly loaded: the ledger summed to -7500
+    MiB free and piper, allowed beside everyone, had no victim: refused
+    (or waited out its queue timeout)."""
+    broker, truth, clock = in_process_broker(FIVE_SERVICES)
+    try:
+        t0 = clock()
+        broker.start_job("piper", "tts").finish(ok=True, status=200)
+        assert clock() - t0 < 1
+        # Those it can neither ask nor unload count as not loaded; the rest
+        # are settled when room is needed, by unloading (cheap when they
+        # hold nothing).
+        assert {n: broker.registry.loaded(n) for n in FIVE_SERVICES} == {
+            "comfyui": False, "llm": None, "whisper": None, "fw": False, "piper": True}
+        for consumer, kind in (("fw", "stt2"), ("whisper", "stt"), ("comfyui", "image"),
+                               ("llm", "llm"), ("piper", "tts")):
+            broker.start_job(consumer, kind).finish(ok=True, status=200)
+        assert clock() - t0 < 1
+        assert truth.used() <= TOTAL
+    finally:
+        broker.stop()
+
+
+def test_a_restart_with_comfyui_loaded_settles_it_before_the_llm_runs(own_gpu_lock_file):
+    broker, truth, _ = in_process_broker(FIVE_SERVICES, {"comfyui": 13000})
+    try:
+        broker.start_job("llm", "llm").finish(ok=True, status=200)
+        assert "comfyui" in broker.actions.unloads
+        assert truth.held["comfyui"] == 0
+    finally:
+        broker.stop()
+
+
+def test_two_that_fit_apart_and_cannot_be_unloaded_run_the_first_and_refuse_the_second_at_once(
+        own_gpu_lock_file):
+    """Allowed beside each other, but 10000 + 8000 MiB on a 16000 MiB
+    ledger, neither with an unload route: the first job waited 30 s and
+    more for memory a ledger never sees come free."""
+    broker, _, clock = in_process_broker({
+        "big": {"paths": {"image": "/p"}, "vram_resident_mib": 10000,
+                "can_coexist_with": ["mid"]},
+        "mid": {"paths": {"llm": "/g"}, "vram_resident_mib": 8000}})
+    try:
+        broker.start_job("big", "image").finish(ok=True, status=200)
+        t0 = clock()
+        with pytest.raises(InsufficientVram, match=r"big 10000 MiB"):
+            broker.start_job("mid", "llm")
+        assert clock() - t0 < 1
+    finally:
+        broker.stop()
