@@ -31,7 +31,7 @@ import time
 from collections import deque
 from functools import partial
 
-from gunicorn.workers.gthread import TConn, ThreadWorker
+from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
 HEAD_ENDS = (b"\r\n\r\n", b"\n\n")    # a bare-LF head goes to gunicorn, which answers 400
 # A real client's request head is a few KiB; a longer one is refused here
@@ -110,17 +110,36 @@ class BrokerWorker(ThreadWorker):
         else:
             self.enqueue_req(conn)
 
-    def _gather(self, conn: BrokerConn) -> None:
+    def finish_request(self, conn, fs):
+        """A kept-alive connection whose client pipelined its next request
+        has those bytes read ahead already, and gunicorn hands it straight
+        to a thread, whole head or not: a partial head would pin the thread
+        for as long as the client likes. Gather the rest like any other."""
+        if isinstance(conn, BrokerConn) and not self.cfg.is_ssl and not fs.cancelled() \
+                and fs.exception() is None and fs.result() and fs.result() is not _DEFER \
+                and conn.parser is not None:
+            ahead = conn.parser.unreader.buf.getvalue()
+            if ahead and not any(end in ahead for end in HEAD_ENDS):
+                conn.parser.unreader.take_buffered()
+                self._gather(conn, ahead)
+                return
+        super().finish_request(conn, fs)
+
+    def _gather(self, conn: BrokerConn, ahead: bytes = b"") -> None:
         conn.sock.setblocking(False)
         conn.head = bytearray()
         conn.head_deadline = time.monotonic() + self.head_timeout_s
         self.heading.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
+        if ahead:
+            self._head_bytes(conn, conn.sock, ahead)
 
     def _on_head_bytes(self, conn: BrokerConn, sock) -> None:
         data = _recv(sock)
-        if data is None:
-            return
+        if data is not None:
+            self._head_bytes(conn, sock, data)
+
+    def _head_bytes(self, conn: BrokerConn, sock, data: bytes) -> None:
         if data:
             start = max(0, len(conn.head) - 3)      # only the new bytes can end the head
             conn.head += data

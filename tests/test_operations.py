@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from conftest import sim_config, wait_until
+from conftest import read_until_closed, sim_config, wait_until
 
 TTS = {"json": {"text": "hi"}}
 
@@ -35,6 +35,32 @@ def test_slow_headers_cannot_starve_the_status_page(broker_with):
     times = [status_time(b) for _ in range(5)]
     assert max(times) < 1.0, times
     assert requests.get(b.url + "/healthz", timeout=5).ok
+    for s in socks:
+        s.close()
+
+
+def test_a_pipelined_partial_head_cannot_pin_a_thread(broker_with):
+    """A whole request and, in the same packet, the start of a second head
+    that never ends: gunicorn handed the read-ahead straight to a thread,
+    which blocked on the rest; threads + 2 such sockets left /healthz
+    unanswered."""
+    b = broker_with({"scheduler": {"max_queue": 2}, "server": {"threads": 7},
+                     "proxy": {"client_timeout_s": 2}})
+    socks = []
+    for _ in range(7 + 2):
+        s = socket.create_connection(("127.0.0.1", b.port))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                  b"GET /healthz HTTP/1.1\r\nHost: loc")
+        socks.append(s)
+    for s in socks:
+        s.settimeout(5)
+        answer = read_until_closed(s, lambda data: data.endswith(b"}\n"))
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    times = [status_time(b) for _ in range(3)]
+    assert max(times) < 1.0, times
+    for s in socks:                            # and each is closed at client_timeout_s
+        s.settimeout(6)
+        assert s.recv(4096) == b""
     for s in socks:
         s.close()
 
