@@ -210,6 +210,7 @@ class ConsumerConfig:
     unload: Call | None = None
     busy: BusyProbe | None = None
     gpu_routes: tuple[GpuRoute, ...] = ()
+    not_gpu_routes: tuple[GpuRoute, ...] = ()   # exceptions to gpu_routes: no lock
     vram_managed: bool = False
     idle_unload_s: float | None = None
     read_timeout_s: float | None = None
@@ -227,9 +228,14 @@ class ConsumerConfig:
                    for form in route_forms(raw_path))
 
     def is_gpu_route(self, method: str, raw_path: str) -> bool:
-        """Whether a request to this path (as sent, escapes and all) is a GPU job."""
+        """Whether a request to this path (as sent, escapes and all) is a GPU
+        job: some form of it matches ``gpu_routes``, and not every form is
+        one of the ``not_gpu_routes`` (when in doubt, it is a GPU job)."""
         forms = route_forms(raw_path)
-        return any(r.matches(method, form) for r in self.gpu_routes for form in forms)
+        if not any(r.matches(method, form) for r in self.gpu_routes for form in forms):
+            return False
+        return not all(any(r.matches(method, form) for r in self.not_gpu_routes)
+                       for form in forms)
 
 
 @dataclass(frozen=True)
@@ -255,13 +261,19 @@ class Config:
     def warnings(self) -> list[str]:
         """Settings that load but do nothing: said by check-config and at start."""
         q, d = self.scheduler, SchedulerConfig()
+        found = []
         idle = [k for k, set_ in (("priority", bool(q.priority)),
                                   ("max_bypass", q.max_bypass != d.max_bypass),
                                   ("max_delay_s", q.max_delay_s != d.max_delay_s)) if set_]
         if q.policy == "fifo" and idle:
-            return [f"scheduler.{', scheduler.'.join(idle)}: no effect with scheduler.policy "
-                    "fifo (they bound and order policy affinity)"]
-        return []
+            found.append(f"scheduler.{', scheduler.'.join(idle)}: no effect with "
+                         "scheduler.policy fifo (they bound and order policy affinity)")
+        for c in self.consumers.values():
+            if c.upstream_allow is None and not any(r.pattern == "*" for r in c.gpu_routes):
+                found.append(f"consumers.{c.name}.gpu_routes lists only some routes: any other "
+                             f"request through /upstream/{c.name}/ runs without the GPU lock "
+                             "(list the exceptions in not_gpu_routes instead)")
+        return found
 
     def summary(self) -> str:
         lines = [f"{self.path}: OK",
@@ -609,7 +621,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
     path = f"consumers.{name}"
     node = r.section(node, path, (
         "type", "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
-        "unload", "busy", "gpu_routes", "vram_managed", "idle_unload_s", "read_timeout_s",
+        "unload", "busy", "gpu_routes", "not_gpu_routes", "vram_managed", "idle_unload_s",
+        "read_timeout_s",
         "pids_from", "upstream_allow", "loaded_from"))
     preset = r.string(node, "type", path, "generic", TYPES)
     node = with_preset({**node, "type": preset})
@@ -650,6 +663,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         unload=_read_call(r, node.get("unload"), f"{path}.unload", "POST"),
         busy=_read_busy(r, node.get("busy"), f"{path}.busy"),
         gpu_routes=_read_gpu_routes(r, node.get("gpu_routes"), f"{path}.gpu_routes"),
+        not_gpu_routes=_read_gpu_routes(r, node.get("not_gpu_routes"),
+                                        f"{path}.not_gpu_routes", ()),
         vram_managed=r.boolean(node, "vram_managed", path, False),
         pids_from=_read_pids_from(r, node.get("pids_from"), f"{path}.pids_from"),
         upstream_allow=(None if node.get("upstream_allow") is None else _read_gpu_routes(

@@ -6,8 +6,8 @@ mapping is taken as given, not merged).
 - ollama: its loaded models and their VRAM come from ``GET /api/ps``
   (``models[].size_vram``); unloading is a request per model listed there,
   ``{"model": <name>, "keep_alive": 0}``, confirmed by polling ``/api/ps``
-  until it is empty. Only generate, chat and embed(dings) are GPU jobs
-  (an ``ollama pull`` through /upstream/ is a download, not a GPU job).
+  until it is empty. A pull, push, create, copy or show through /upstream/
+  is no GPU job (a download, a file).
 - comfyui: ``POST /free`` with ``{"unload_models": true, "free_memory":
   true}`` (it answers at once and frees later: the broker waits until its
   own ``/system_stats`` shows the memory back, as well as the reading);
@@ -25,8 +25,8 @@ mapping is taken as given, not merged).
   unload: use ``generic`` and commands, as for whisper.cpp.
 - vllm: sleep mode (``--enable-sleep-mode``): ``POST /sleep?level=1`` frees
   the weights' VRAM, ``POST /wake_up`` brings it back.
-- openai: any OpenAI-compatible server: health ``/v1/models``, GPU jobs
-  are the completion, embedding, audio and image routes.
+- openai: any OpenAI-compatible server: health ``/v1/models``; every
+  write is a GPU job.
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ from typing import Any
 
 TYPES = ("generic", "ollama", "comfyui", "whisper.cpp", "llama.cpp", "vllm", "openai")
 
-OPENAI_GPU_ROUTES = ["POST /v1/chat/completions", "POST /v1/completions",
-                     "POST /v1/embeddings", "POST /v1/audio/*", "POST /v1/images/*",
-                     "POST /v1/responses"]
+# Every preset fails closed: a request that writes (POST, PUT, PATCH) is a
+# GPU job unless the service's own documentation says the route does no GPU
+# work (a download, a tokenizer, an upload, a queue or history edit). An
+# allow-list misses routes each release adds (llama.cpp's /v1/messages,
+# /reranking, /responses, ...), and a missed route runs beside another's job.
+def _both(*routes: str) -> list[str]:
+    """Each route, and the same under ``/api`` (ComfyUI serves both)."""
+    return [*routes, *(f"{m} /api{p}" for m, p in (r.split() for r in routes))]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "generic": {},
@@ -49,8 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "json": {"model": "{model}", "keep_alive": 0},
                    "for_each": {"path": "/api/ps", "list": "models", "name": "name"},
                    "until_empty": True},
-        "gpu_routes": ["POST /api/generate", "POST /api/chat", "POST /api/embed",
-                       "POST /api/embeddings", *OPENAI_GPU_ROUTES],
+        "not_gpu_routes": ["POST /api/pull", "POST /api/push", "POST /api/create",
+                           "POST /api/copy", "POST /api/show", "POST /api/blobs/*"],
     },
     "comfyui": {
         "health": "/system_stats",
@@ -59,29 +64,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "until_freed": {"path": "/system_stats", "key": "devices.0.vram_free",
                                    "held_key": "devices.0.torch_vram_total"}},
         "busy": {"path": "/queue", "keys": ["queue_running", "queue_pending"]},
-        "gpu_routes": ["POST /prompt", "POST /api/prompt"],
+        "not_gpu_routes": _both("POST /upload/*", "POST /interrupt", "POST /queue",
+                                "POST /history", "POST /free", "POST /userdata/*",
+                                "POST /settings", "POST /settings/*", "POST /users"),
     },
     "whisper.cpp": {
         "health": "/health",
-        "gpu_routes": ["POST /inference", "POST /load"],
     },
     "llama.cpp": {
         "health": "/health",
         "unload": {"method": "POST", "path": "/models/unload", "json": {"model": "{model}"},
                    "for_each": {"path": "/models", "list": "data", "name": "id"}},
-        "gpu_routes": ["POST /completion", "POST /completions", "POST /infill",
-                       "POST /embedding", "POST /embeddings", "POST /rerank",
-                       *OPENAI_GPU_ROUTES],
+        "not_gpu_routes": ["POST /tokenize", "POST /detokenize", "POST /apply-template"],
     },
     "vllm": {
         "health": "/health",
         "load": {"method": "POST", "path": "/wake_up"},
         "unload": {"method": "POST", "path": "/sleep?level=1"},
-        "gpu_routes": OPENAI_GPU_ROUTES,
+        "not_gpu_routes": ["POST /tokenize", "POST /detokenize"],
     },
     "openai": {
         "health": "/v1/models",
-        "gpu_routes": OPENAI_GPU_ROUTES,
     },
 }
 

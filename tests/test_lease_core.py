@@ -211,3 +211,31 @@ def test_draining_a_refused_body_gives_the_socket_its_deadline_back():
     assert a.gettimeout() == 60
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("preset,method,path,gpu", [
+    # Routes the allow-lists missed, which ran beside another consumer's job.
+    ("llama.cpp", "POST", "/chat/completions", True), ("llama.cpp", "POST", "/api/chat", True),
+    ("llama.cpp", "POST", "/v1/messages", True), ("llama.cpp", "POST", "/responses", True),
+    ("llama.cpp", "POST", "/reranking", True), ("llama.cpp", "POST", "/v1/rerank", True),
+    ("llama.cpp", "POST", "/audio/transcriptions", True),
+    ("llama.cpp", "POST", "/models/load", True), ("ollama", "POST", "/v1/messages", True),
+    ("vllm", "POST", "/wake_up", True), ("vllm", "POST", "/v1/score", True),
+    ("vllm", "POST", "/pooling", True), ("openai", "POST", "/v1/anything/new", True),
+    # What each service documents as no GPU work.
+    ("llama.cpp", "POST", "/tokenize", False), ("ollama", "POST", "/api/pull", False),
+    ("comfyui", "POST", "/upload/image", False), ("comfyui", "POST", "/api/interrupt", False),
+    ("comfyui", "POST", "/%66ree", False), ("comfyui", "POST", "/prompt", True),
+    ("comfyui", "POST", "/api/prompt", True), ("comfyui", "POST", "/upload/../prompt", True),
+    ("ollama", "GET", "/api/tags", False),
+])
+def test_preset_gpu_routes_fail_closed(preset, method, path, gpu):
+    cfg = parse_config({**CONFIG, "consumers": {"mvoice": {
+        **CONFIG["consumers"]["mvoice"], "type": preset}}})
+    assert cfg.consumers["mvoice"].is_gpu_route(method, path) is gpu
+
+
+def test_an_allow_list_of_gpu_routes_is_warned_of():
+    cfg = parse_config({**CONFIG, "consumers": {"mvoice": {
+        **CONFIG["consumers"]["mvoice"], "gpu_routes": ["POST /prompt"]}}})
+    assert any("consumers.mvoice.gpu_routes lists only some routes" in w for w in cfg.warnings())
