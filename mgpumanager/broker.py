@@ -186,6 +186,9 @@ class Broker:
         self._max_bypassed = 0                       # the most any granted job was passed
         self._max_late_s = 0.0                       # the longest past its FIFO turn
         self._last_belief_problem = None             # under the GPU lock only
+        self._foreign_since: float | None = None     # another process seen holding the OS lock
+        # Why the last config reload failed (the old config still serves), or None.
+        self.config_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -849,6 +852,15 @@ class Broker:
         if snap.oldest_queued_s is not None and snap.oldest_queued_s > stuck_after:
             problems.append(f"the queue's head has waited {snap.oldest_queued_s:.0f} s, past "
                             "its deadline")
+        if snap.holder is None and self.oslock.held_elsewhere():
+            if self._foreign_since is None:
+                self._foreign_since = now
+            elif now - self._foreign_since > self.config.scheduler.queue_timeout_s:
+                problems.append(
+                    f"another process has held the GPU lock file {self.oslock.path} for "
+                    f"{now - self._foreign_since:.0f} s: {self.oslock.describe_holder()}")
+        else:
+            self._foreign_since = None
         if not self.watch.alive:
             problems.append("the lease watchdog thread died")
         if not self.sampler.alive:
@@ -935,6 +947,7 @@ class Broker:
             "broker": {"version": __version__, "pid": os.getpid(),
                        "uptime_s": round(time.time() - self.started_at, 3),
                        "started_at": iso_utc(self.started_at), "config": self.config.path,
+                       "config_error": self.config_error,
                        "live": not problems, "problems": problems,
                        "shutting_down": self.shutting_down},
             "gpu": gpu,

@@ -15,6 +15,14 @@ def cmd_check_config(args) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    # The worker opens the lock file at boot: a path it cannot use would
+    # stop it there, so say it here (as the user the broker runs as).
+    from .oslock import LockFileError, OsLock, default_lock_file
+    try:
+        OsLock(cfg.scheduler.lock_file or default_lock_file()).close()
+    except LockFileError as e:
+        print(f"{cfg.path}: scheduler.lock_file: {e}", file=sys.stderr)
+        return 1
     print(cfg.summary())
     return 0
 
