@@ -4,4 +4,4 @@
 # in mgpumanager/gunicorn_conf.py, so that `mgpumanager serve` uses the same
 # ones from any directory.
 from mgpumanager.gunicorn_conf import *  # noqa: F401,F403
-from mgpumanager.gunicorn_conf import on_starting  # noqa: F401
+from mgpumanager.gunicorn_conf import on_exit, on_reload, on_starting  # noqa: F401

@@ -6,6 +6,8 @@ so the broker's threads start in the process that serves, never in the master.
 
 from __future__ import annotations
 
+import os
+
 from flask import Flask
 
 from . import web
@@ -17,15 +19,25 @@ from .logs import setup_logging
 from .metrics import metrics_registry
 
 EXTENSION = "mgpumanager"
+# Set by the master (gunicorn_conf.py); named here so the core needs no gunicorn.
+GOOD_CONFIG_ENV = "MGPUMANAGER_GOOD_CONFIG"
+RELOAD_ERROR_ENV = "MGPUMANAGER_RELOAD_ERROR"
 
 
 def create_app(config: Config | str | None = None, *, reader: GpuReader | None = None,
                actions: ConsumerActions | None = None, start: bool = True) -> Flask:
-    cfg = config if isinstance(config, Config) else load_config(config)
+    if isinstance(config, Config):
+        cfg = config
+    else:
+        # Under gunicorn, the copy the master validated (gunicorn_conf.py).
+        cfg = load_config(config, copy=None if config else os.environ.get(GOOD_CONFIG_ENV))
     setup_logging(cfg.server.log_format)
     app = Flask(__name__)
     app.json.sort_keys = False
     broker = Broker(cfg, reader=reader, actions=actions)
+    broker.config_error = None if config else os.environ.get(RELOAD_ERROR_ENV)
+    if broker.config_error:
+        broker.events.add("config_reload_failed", broker.config_error)
     app.extensions[EXTENSION] = broker
     app.extensions[EXTENSION + ".metrics"] = metrics_registry(broker)
     # Paths under /upstream/ are forwarded as sent: no merging of slashes

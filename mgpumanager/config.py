@@ -982,7 +982,13 @@ def read_yaml(path: str):
         raise ConfigError(path, ["(file): values nested too deeply"]) from None
 
 
-def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Read a config file: the argument, else $MGPUMANAGER_CONFIG, else etc/consumers.yaml."""
-    path = os.fspath(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
-    return parse_config(read_yaml(path), path)
+def config_path(path: str | os.PathLike | None = None) -> str:
+    """The config file meant: the argument, else $MGPUMANAGER_CONFIG, else etc/consumers.yaml."""
+    return os.fspath(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike | None = None, *, copy: str | None = None) -> Config:
+    """Read a config file (``config_path``); with ``copy``, read that copy of
+    it instead (the one the master validated), named as the file itself."""
+    path = config_path(path)
+    return parse_config(read_yaml(copy or path), path)

@@ -9,12 +9,43 @@ with every problem listed. gunicorn's own ``--bind`` / ``GUNICORN_CMD_ARGS``
 still override anything set here.
 """
 
+import os
+import shutil
 import sys
+import tempfile
 
-from mgpumanager.config import ConfigError, load_config
+from mgpumanager.config import ConfigError, config_path, load_config
+
+# The master validates the config, at start and on every SIGHUP, and keeps a
+# copy of the last one that passed; the worker reads that copy. A reload with
+# a broken config (a typo, a file half written) then keeps the old config
+# serving, and says why in the log, /v1/status and /healthz, instead of the
+# new worker exiting and gunicorn halting the whole broker.
+GOOD_CONFIG_ENV = "MGPUMANAGER_GOOD_CONFIG"
+RELOAD_ERROR_ENV = "MGPUMANAGER_RELOAD_ERROR"
+
+
+def _keep_good_copy():
+    """Validate the config file and keep a copy of it; ConfigError if it is bad."""
+    path = config_path()
+    load_config(path)
+    fd, copy = tempfile.mkstemp(prefix="mgpumanager-config-", suffix=".yaml")
+    with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    load_config(path, copy=copy)          # the copy is what was validated, or it changed
+    old = os.environ.get(GOOD_CONFIG_ENV)
+    os.environ[GOOD_CONFIG_ENV] = copy
+    os.environ.pop(RELOAD_ERROR_ENV, None)
+    if old and old != copy:
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+
 
 try:
     _config = load_config()
+    _keep_good_copy()
 except ConfigError as _e:
     sys.exit(f"mgpumanager: {_e}")
 
@@ -78,3 +109,24 @@ def on_starting(server):
                  "lock is process-wide, so a second worker would run GPU jobs concurrently "
                  "and over-commit VRAM. Use one worker; raise scheduler.max_queue or "
                  "server.threads for more concurrency.")
+
+
+def on_reload(server):
+    """SIGHUP, in the master, before the new worker starts: validate the
+    config; if it is bad, the new worker serves the last good copy."""
+    try:
+        _keep_good_copy()
+        server.log.info("mgpumanager: config %s reloaded", config_path())
+    except ConfigError as e:
+        os.environ[RELOAD_ERROR_ENV] = str(e)
+        server.log.error("mgpumanager: the config reload FAILED; still serving the last good "
+                         "config. %s", e)
+
+
+def on_exit(server):
+    copy = os.environ.get(GOOD_CONFIG_ENV)
+    if copy:
+        try:
+            os.unlink(copy)
+        except OSError:
+            pass

@@ -368,12 +368,16 @@ def events():
 @bp.get("/healthz")
 def healthz():
     """200 while the broker can still schedule; 503 with the reasons when it cannot."""
-    problems = broker().liveness()
+    b = broker()
+    problems = b.liveness()
+    # It still serves, on its last good config: said, not failed.
+    warnings = [f"the last config reload failed; serving the previous config: "
+                f"{b.config_error}"] if b.config_error else []
     if problems:
-        resp = jsonify({"ok": False, "problems": problems})
+        resp = jsonify({"ok": False, "problems": problems, "warnings": warnings})
         resp.status_code = 503
         return resp
-    return jsonify({"ok": True})
+    return jsonify({"ok": True, "warnings": warnings} if warnings else {"ok": True})
 
 
 @bp.post("/login")

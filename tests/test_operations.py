@@ -101,6 +101,31 @@ def test_clients_that_linger_after_connection_close_do_not_stall_others(broker_w
         s.close()
 
 
+def test_a_reload_with_a_broken_config_keeps_the_old_one_serving_and_says_why(broker_with):
+    """A typo and SIGHUP: the new worker exited 3, gunicorn halted, and the
+    master exited with it; the error was only in the log."""
+    b = broker_with()
+    good = b.config_path.read_text()
+    old_pid = b.worker_pid()
+    b.config_path.write_text(good.replace("max_queue:", "max_queu:"))
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.worker_pid() != old_pid, 20, "the new worker")
+    assert b.proc.poll() is None
+    st = b.status()
+    assert "scheduler.max_queu" in st["broker"]["config_error"]
+    health = requests.get(b.url + "/healthz", timeout=5)
+    assert health.status_code == 200 and "max_queu" in health.json()["warnings"][0]
+    assert requests.post(b.url + "/v1/tts", timeout=30, **TTS).status_code == 200
+    assert "config reload FAILED" in b.log()
+    # Mended, and reloaded again: the warning is gone.
+    b.config_path.write_text(good)
+    pid = b.worker_pid()
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.worker_pid() != pid, 20, "the next worker")
+    assert b.status()["broker"]["config_error"] is None
+    assert requests.get(b.url + "/healthz", timeout=5).json() == {"ok": True}
+
+
 def test_a_reload_by_hup_during_a_stream_loses_nothing_and_overlaps_nothing(broker_with,
                                                                             sim, echo):
     b = broker_with()
