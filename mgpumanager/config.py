@@ -104,11 +104,30 @@ class ProxyConfig:
 class ModelsFrom:
     """Where a service lists its loaded models: GET ``path``, the JSON list
     under ``list``, each model's name under ``name`` (and its VRAM in bytes
-    under ``vram_bytes``, where the service says)."""
+    under ``vram_bytes``, where the service says); with ``where``, only the
+    models whose value at that dotted key is ``equals`` (llama-server's
+    router lists every model it knows, running or not)."""
     path: str
     list: str = "models"
     name: str = "name"
     vram_bytes: str | None = None
+    where: str | None = None
+    equals: str | None = None
+
+    def listed(self, model: Any) -> bool:
+        return self.where is None or str(dotted(model, self.where)) == self.equals
+
+
+def dotted(body: Any, key: str) -> Any:
+    """The value at a dotted key (``devices.0.vram_free``), or None."""
+    for part in key.split("."):
+        if isinstance(body, list) and part.isdigit() and int(part) < len(body):
+            body = body[int(part)]
+        elif isinstance(body, dict):
+            body = body.get(part)
+        else:
+            return None
+    return body
 
 
 @dataclass(frozen=True)
@@ -122,13 +141,7 @@ class FreeVram:
     held_key: str | None = None
 
     def read(self, body: Any, key: str | None = None) -> int | None:
-        for part in (key or self.key).split("."):
-            if isinstance(body, list) and part.isdigit() and int(part) < len(body):
-                body = body[int(part)]
-            elif isinstance(body, dict):
-                body = body.get(part)
-            else:
-                return None
+        body = dotted(body, key or self.key)
         return body if isinstance(body, int) and not isinstance(body, bool) else None
 
 
@@ -508,11 +521,16 @@ def _read_models_from(r: _Reader, node: Any, path: str) -> ModelsFrom | None:
     if not isinstance(node, dict):
         r.problem(path, "a mapping like {path: /api/ps, list: models, name: name}", node)
         return None
-    node = r.section(node, path, ("path", "list", "name", "vram_bytes"))
+    node = r.section(node, path, ("path", "list", "name", "vram_bytes", "where", "equals"))
     upath = r.upstream_path(node, "path", path, None, required=True)
     found = ModelsFrom(path=upath or "/", list=r.string(node, "list", path, "models"),
                        name=r.string(node, "name", path, "name"),
-                       vram_bytes=r.string(node, "vram_bytes", path, None))
+                       vram_bytes=r.string(node, "vram_bytes", path, None),
+                       where=r.string(node, "where", path, None),
+                       equals=r.string(node, "equals", path, None))
+    if (found.where is None) != (found.equals is None):
+        r.problem(f"{path}.where", "where and equals together (a dotted key and the value "
+                  "a loaded model has there)", node.get("where"))
     return found if upath else None
 
 

@@ -110,7 +110,7 @@ class HttpActions:
         if not isinstance(found, list):
             raise BrokerError(f"GET {where.path} did not list its models under {where.list!r}",
                               consumer=c.name)
-        return found
+        return [m for m in found if where.listed(m)]
 
     def call(self, c: ConsumerConfig, call: Call, timeout_s: float | None = None) -> str | None:
         timeout = call.timeout_s if timeout_s is None else min(call.timeout_s, timeout_s)

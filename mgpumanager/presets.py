@@ -21,7 +21,9 @@ mapping is taken as given, not merged).
   for the health probe after a start).
 - llama.cpp: ``llama-server`` in router mode (``--models-dir``) lists its
   models at ``GET /models`` and loads and unloads them at ``POST
-  /models/load`` and ``/models/unload``. With a single model it has no
+  /models/load`` and ``/models/unload`` (only those it lists as
+  ``status.value: loaded``: it refuses to unload one not running). With a
+  single model it has no
   unload: use ``generic`` and commands, as for whisper.cpp.
 - vllm: sleep mode (``--enable-sleep-mode``): ``POST /sleep?level=1`` frees
   the weights' VRAM, ``POST /wake_up`` brings it back.
@@ -74,7 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama.cpp": {
         "health": "/health",
         "unload": {"method": "POST", "path": "/models/unload", "json": {"model": "{model}"},
-                   "for_each": {"path": "/models", "list": "data", "name": "id"}},
+                   "for_each": {"path": "/models", "list": "data", "name": "id",
+                                "where": "status.value", "equals": "loaded"}},
         "not_gpu_routes": ["POST /tokenize", "POST /detokenize", "POST /apply-template"],
     },
     "vllm": {

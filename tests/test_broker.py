@@ -172,6 +172,16 @@ def test_with_nothing_left_to_evict_and_nothing_to_free_by_itself_it_refuses_at_
     assert actions.calls == [("unload", "comfyui")]    # whisper alone would not do
 
 
+def test_a_consumer_its_unload_stopped_is_loaded_by_its_next_job_not_refused():
+    """whisper.cpp's unload command ends its process, so its probe fails;
+    its jobs were refused consumer_unhealthy forever, the load never run."""
+    b, actions = make_broker()
+    b.unload("mvoice")
+    b.registry.record_health("mvoice", HealthResult(False, "connection refused"))
+    run(b, "mvoice", "tts")
+    assert actions.calls == [("unload", "mvoice"), ("load", "mvoice")]
+
+
 def test_an_unhealthy_consumer_is_refused_before_queueing():
     b, _ = make_broker()
     b.registry.record_health("mvoice", HealthResult(False, "connection refused"))

@@ -239,3 +239,14 @@ def test_an_allow_list_of_gpu_routes_is_warned_of():
     cfg = parse_config({**CONFIG, "consumers": {"mvoice": {
         **CONFIG["consumers"]["mvoice"], "gpu_routes": ["POST /prompt"]}}})
     assert any("consumers.mvoice.gpu_routes lists only some routes" in w for w in cfg.warnings())
+
+
+def test_llama_servers_unload_takes_only_the_models_it_runs():
+    """Its router lists every model it knows, and answers 400 "model is not
+    running" to an unload of one that is not: the unload failed."""
+    cfg = parse_config({**CONFIG, "consumers": {"mvoice": {
+        **CONFIG["consumers"]["mvoice"], "type": "llama.cpp", "unload": None}}})
+    where = cfg.consumers["mvoice"].unload.for_each
+    assert [m["id"] for m in [{"id": "a", "status": {"value": "unloaded"}},
+                              {"id": "b", "status": {"value": "loaded"}}]
+            if where.listed(m)] == ["b"]
