@@ -274,7 +274,7 @@ class Broker:
         # design when the unload ended its process (whisper.cpp stopped by
         # command): its load starts it again.
         if healthy is False and not (self.config.consumers[name].load is not None
-                                     and self.registry.loaded(name) is False):
+                                     and self.registry.stopped_by_unload(name)):
             ago = time.time() - probed_at if probed_at else 0.0
             raise ConsumerUnhealthy(f"{name} failed its last health probe {ago:.1f} s ago: {error}",
                                     consumer=name, kind=kind)

@@ -94,6 +94,9 @@ class ProxyConfig:
     read_timeout_s: float = 300.0
     max_body_mib: int = 1024            # a GPU job's body above this: 413
     client_timeout_s: float = 60.0      # a client silent this long, sending or reading, is cut
+    # After a GPU job's answer is cut short, the GPU stays held until the
+    # service has let go of the connection, at most this long.
+    cut_hold_s: float = 2.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -776,14 +779,15 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                   "health and audio), or leave it out to derive it", server.threads)
 
     p = r.section(top.get("proxy"), "proxy", ("connect_timeout_s", "read_timeout_s",
-                                              "max_body_mib", "client_timeout_s"))
+                                              "max_body_mib", "client_timeout_s", "cut_hold_s"))
     d = ProxyConfig()
     proxy = ProxyConfig(
         connect_timeout_s=r.seconds(p, "connect_timeout_s", "proxy", d.connect_timeout_s),
         read_timeout_s=r.seconds(p, "read_timeout_s", "proxy", d.read_timeout_s),
         max_body_mib=r.integer(p, "max_body_mib", "proxy", d.max_body_mib, 1,
                                "a whole number of MiB"),
-        client_timeout_s=r.seconds(p, "client_timeout_s", "proxy", d.client_timeout_s))
+        client_timeout_s=r.seconds(p, "client_timeout_s", "proxy", d.client_timeout_s),
+        cut_hold_s=r.seconds(p, "cut_hold_s", "proxy", d.cut_hold_s, positive=False))
 
     raw_consumers = top.get("consumers")
     consumers: dict[str, ConsumerConfig] = {}

@@ -286,6 +286,9 @@ class ConsumerState:
         # in every sum (over-committing is worse than a needless unload).
         self.loaded: bool | None = None
         self.reports = False               # its probe has said whether it is loaded
+        # Unloaded by the broker, and no probe has passed since: a process
+        # its unload command ended fails its probe, by design.
+        self.stopped_by_unload = False
         self.state_set_at = float("-inf")  # monotonic: when the broker last set `loaded`
         self.last_used: float | None = None        # monotonic, for LRU
         self.last_used_wall: float | None = None
@@ -363,6 +366,12 @@ class ConsumerRegistry:
             s = self._states[name]
             return s.healthy, s.last_probe_at, s.last_error
 
+    def stopped_by_unload(self, name: str) -> bool:
+        """Unloaded by the broker, and not probed healthy since."""
+        with self._lock:
+            s = self._states[name]
+            return s.stopped_by_unload and s.loaded is False
+
     def loaded(self, name: str) -> bool | None:
         with self._lock:
             return self._states[name].loaded
@@ -400,6 +409,8 @@ class ConsumerRegistry:
             first = s.healthy is None
             s.healthy = result.ok
             s.last_probe_at = time.time()
+            if result.ok:
+                s.stopped_by_unload = False
             if not result.ok:
                 s.last_error = result.error
             if result.loaded is not None:
@@ -506,6 +517,7 @@ class ConsumerRegistry:
             s.state_set_at = self.clock()
             if counted == "eviction":
                 s.evictions += 1
+                s.stopped_by_unload = True
             elif counted == "load":
                 s.loads += 1
                 s.last_used = s.last_used or self.clock()

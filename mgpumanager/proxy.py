@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
+import os
 import re
 import select
 import socket
@@ -28,7 +29,7 @@ from urllib3.util import SKIP_HEADER
 
 from .errors import (Abandoned, BadRequest, PayloadTooLarge, RequestTimeout, UpstreamBadResponse,
                      UpstreamTimeout, UpstreamUnreachable)
-from .lease import CLIENT_GONE, JOB_TIMEOUT, UPSTREAM_BROKE, Exchange
+from .lease import CLIENT_GONE, JOB_TIMEOUT, UPSTREAM_BROKE, Exchange, shut
 
 log = logging.getLogger("mgpumanager.proxy")
 
@@ -540,6 +541,38 @@ class ResponseCut(ConnectionResetError):
         super().__init__(errno.ECONNRESET, message)
 
 
+# TCP states (linux/tcp_states.h) in which the service still holds the
+# connection: it has sent neither a FIN nor been reset.
+_HELD_STATES = {1, 4, 5}        # ESTABLISHED, FIN_WAIT1, FIN_WAIT2
+
+
+def _tcp_state(sock) -> int | None:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except (OSError, ValueError, AttributeError):
+        return None                 # not TCP (a unix socket), or closed already
+
+
+def wait_for_let_go(sock, within_s: float, gap_s: float | None) -> float:
+    """After a cut (the socket shut both ways), wait until the service has
+    let go of the connection, at most ``within_s``; the seconds waited.
+
+    A service that streams notices a client gone only when a write fails
+    (ollama, the simulator) or when it reads our FIN (Go's servers,
+    llama-server's cpp-httplib). Its FIN shows as TIME_WAIT; its next write
+    reaches a socket whose read side is shut, which Linux answers with a
+    reset (CLOSE), and the write after that fails on its side: so one more
+    of its measured gaps between chunks (``gap_s``) is waited for too.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + within_s
+    while _tcp_state(sock) in _HELD_STATES and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if gap_s and _tcp_state(sock) == 7:       # reset by us: its next write fails
+        time.sleep(max(0.0, min(1.5 * gap_s + 0.01, deadline - time.monotonic())))
+    return time.monotonic() - t0
+
+
 class StreamedBody:
     """The WSGI response iterable for a proxied response.
 
@@ -554,11 +587,19 @@ class StreamedBody:
     """
 
     def __init__(self, response: urllib3.HTTPResponse, exchange: Exchange,
-                 on_close: Callable[["StreamedBody"], None], *, bodyless: bool = False):
+                 on_close: Callable[["StreamedBody"], None], *, bodyless: bool = False,
+                 cut_hold_s: float = 0.0):
         self.response = response
         self.exchange = exchange
         self._on_close = on_close
         self._bodyless = bodyless
+        self.gap_s: float | None = None   # the longest wait between two chunks
+        self.held_after_cut_s = 0.0
+        # urllib3 closes the connection where a read fails, before close()
+        # could watch the service let go of it: a second descriptor keeps
+        # the connection open until then.
+        self._cut_hold_s = cut_hold_s
+        self._kept: socket.socket | None = None
         self.bytes_out = 0
         self.complete = bodyless
         self.error: str | None = None
@@ -569,10 +610,22 @@ class StreamedBody:
         if self._bodyless:
             return
         yield b""
+        # Only once the server iterates: then it will call close() too.
+        sock = getattr(self.response.connection, "sock", None) if self._cut_hold_s else None
+        if sock is not None:
+            try:
+                self._kept = socket.socket(fileno=os.dup(sock.fileno()))
+            except OSError:
+                pass
         read1 = self.response.read1
+        last = None
         while True:
             try:
                 data = read1(CHUNK, decode_content=False)
+                now = time.monotonic()
+                if last is not None and data and (self.gap_s is None or now - last > self.gap_s):
+                    self.gap_s = now - last
+                last = now
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
                     ValueError) as e:
                 data, error = None, e
@@ -610,6 +663,14 @@ class StreamedBody:
                     self.response.drain_conn()    # lets http.client mark it finished
                 self.response.release_conn()      # whole: the connection is reusable
             else:
+                # The client gone (seen by the watchdog, or by a write that
+                # failed), or the deadline: the service may still be working.
+                if self._kept is not None and self.exchange.cut_reason != UPSTREAM_BROKE:
+                    shut(self._kept)
+                    self.held_after_cut_s = wait_for_let_go(self._kept, self._cut_hold_s,
+                                                            self.gap_s)
                 self.response.close()             # cut short: it is not
         finally:
+            if self._kept is not None:
+                self._kept.close()
             self._on_close(self)

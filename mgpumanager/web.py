@@ -285,7 +285,8 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
                        error=streamed.error or (None if streamed.complete
                                                 else "the client went away or stopped reading"))
 
-    streamed = StreamedBody(upstream, exchange, on_close, bodyless=bodyless)
+    streamed = StreamedBody(upstream, exchange, on_close, bodyless=bodyless,
+                            cut_hold_s=b.config.proxy.cut_hold_s if job is not None else 0.0)
     try:
         if status == 101:
             raise UpstreamBadResponse(f"{name} switched protocols (101); the broker forwards "

@@ -1,12 +1,13 @@
 """One GPU job at a time, in arrival order (policy fifo), through a real gunicorn."""
 
+import json
 import socket
 import threading
 import time
 
 import requests
 
-from conftest import wait_until
+from conftest import TIME_SCALE, wait_until
 
 
 
@@ -185,3 +186,29 @@ def test_per_consumer_active_and_totals_show_in_status(broker, echo):
     wait_until(lambda: broker.status()["consumers"]["echo"]["active"] == 0)
     st = broker.status()["scheduler"]
     assert st["total_jobs"] == 1 and st["last_run_ms"] > 0 and st["last_wait_ms"] is not None
+
+
+def test_a_hang_up_mid_stream_holds_the_gpu_until_the_service_lets_go(broker_with, sim):
+    """The client hangs up in the middle of an LLM stream with a TTS job
+    queued behind it. The simulated ollama, like the real one, notices only
+    when a write fails, about a token later: the TTS job started while it
+    still computed (14 overlaps in 15 tries)."""
+    b = broker_with()
+    tokens = int(round(1.0 / (sim.ollama.token_s * TIME_SCALE)))   # a stream of about 1 s
+    for attempt in range(5):
+        s = socket.create_connection(("127.0.0.1", b.port))
+        body = json.dumps({"model": "sim", "prompt": "go", "options": {"num_predict": tokens}})
+        s.sendall(f"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                  f"\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        got = b""
+        while got.count(b"tok") < 2:                  # mid-stream
+            got += s.recv(4096)
+        queued = threading.Thread(target=lambda: requests.post(
+            b.url + "/v1/tts", json={"text": "next"}, timeout=30), daemon=True)
+        queued.start()
+        wait_until(lambda: b.status()["scheduler"]["queue_depth"] == 1, what="the queued job")
+        s.close()
+        queued.join(30)
+    wait_until(lambda: not sim.gpu.reading()["running_jobs"], what="the GPU to go idle")
+    jobs = [(j.consumer, round(j.start % 100, 3), round(j.end % 100, 3)) for j in sim.gpu.jobs]
+    assert sim.gpu.overlaps() == [], jobs
