@@ -178,16 +178,26 @@ class HttpActions:
             return f"{call.describe()} answered {r.status_code}: {r.text[:200]}"
 
     def is_busy(self, c: ConsumerConfig) -> bool:
-        """True while the busy probe shows work; a probe that fails counts as idle
-        (a consumer that cannot answer cannot be rendering for us either)."""
+        """True while the busy probe shows work. A probe that fails counts as
+        busy (a ComfyUI slow to answer /queue, or answering 500, may be
+        mid-render; the lease's deadline bounds the hold), except when
+        nothing listens: a service that is down renders nothing."""
         try:
             with self._send("GET", c, c.busy.path, self.health_timeout_s) as r:
-                body = r.json() if r.status_code == 200 else {}
-        except (BrokerError, ValueError) as e:       # ValueError: not JSON
-            log.warning("%s: busy probe %s failed: %s", c.name, c.busy.path, e)
-            return False
+                body = r.json() if r.status_code == 200 else None
+        except BrokerError as e:
+            if isinstance(e.__cause__, requests.ConnectionError) and not isinstance(
+                    e.__cause__, requests.Timeout) and "refused" in str(e.__cause__).lower():
+                log.warning("%s: busy probe %s: nothing listens; idle", c.name, c.busy.path)
+                return False
+            log.warning("%s: busy probe %s failed (%s); counted busy", c.name, c.busy.path, e)
+            return True
+        except ValueError:                           # not JSON
+            body = None
         if not isinstance(body, dict):
-            return False
+            log.warning("%s: busy probe %s gave no JSON object; counted busy", c.name,
+                        c.busy.path)
+            return True
         keys = c.busy.keys or tuple(body)
         return any(bool(body.get(k)) for k in keys)
 

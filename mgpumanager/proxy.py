@@ -344,6 +344,10 @@ class HeadersCutOff(http.client.HTTPException):
     """The upstream closed the connection in the middle of its headers."""
 
 
+class MalformedHead(http.client.HTTPException):
+    """The upstream's head has a line that is no header."""
+
+
 class _LineWatch:
     """The response's reader while its head is parsed: notes an end of file
     (http.client takes one for the end of the headers)."""
@@ -385,6 +389,12 @@ class _FinalResponse(http.client.HTTPResponse):
             self.fp = real
         if watch.hit_eof:
             raise HeadersCutOff("the connection closed in the middle of the answer's head")
+        # A line that is no header stops http.client's parsing there: what
+        # follows (Content-Length, say) is lost, and forwarding the rest
+        # would frame the answer wrongly.
+        defects = getattr(self.msg, "defects", None)
+        if defects:
+            raise MalformedHead(f"a line in the head is no header ({defects[0]!r})")
 
 
 class _WatchedConnectionMixin:

@@ -26,7 +26,7 @@ from werkzeug.routing import PathConverter
 
 from .broker import Broker, Job
 from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
-                     RequestTimeout, Unauthorized, UpstreamBadResponse)
+                     PayloadTooLarge, RequestTimeout, Unauthorized, UpstreamBadResponse)
 from .lease import Exchange
 from .metrics import render as render_metrics
 from .proxy import (SpooledBody, StreamedBody, client_gone, drain_body, request_body,
@@ -87,6 +87,10 @@ class PassthroughResponse(Response):
 
 
 TOKEN_COOKIE = "mgpumanager_token"
+# The broker's token may come in a header of its own, so that Authorization
+# can carry a service's own API key.
+TOKEN_HEADER = "X-Mgpumanager-Token"
+LOGIN_MAX_BYTES = 4096
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -95,6 +99,25 @@ def token_matches(given: str | None) -> bool:
     expected = broker().config.server.auth_token
     return expected is None or (given is not None and
                                 hmac.compare_digest(given.encode(), expected.encode()))
+
+
+def without_broker_credential(headers: dict[str, str]) -> dict[str, str]:
+    """The headers a service may see: never the broker's own token (in its
+    header, in Authorization, or in its cookie), which would let any service,
+    its logs or plugins drive the whole broker."""
+    headers.pop(TOKEN_HEADER, None)
+    token = broker().config.server.auth_token
+    auth = headers.get("Authorization", "")
+    if token is not None and auth[:7].lower() == "bearer " and token_matches(auth[7:]):
+        del headers["Authorization"]
+    if "Cookie" in headers:
+        kept = [c for c in headers["Cookie"].split(";")
+                if c.strip().partition("=")[0] != TOKEN_COOKIE]
+        if kept:
+            headers["Cookie"] = ";".join(kept).strip()
+        else:
+            del headers["Cookie"]
+    return headers
 
 
 def bound_address(environ) -> str | None:
@@ -150,7 +173,8 @@ def guard() -> Response | None:
             raise Forbidden("a cross-site browser request may not change state")
     if server.auth_token is not None and request.endpoint not in ("mgpumanager.login", "static"):
         header = environ.get("HTTP_AUTHORIZATION", "")
-        given = header[7:] if header[:7].lower() == "bearer " else request.cookies.get(TOKEN_COOKIE)
+        given = environ.get("HTTP_X_MGPUMANAGER_TOKEN") or (
+            header[7:] if header[:7].lower() == "bearer " else request.cookies.get(TOKEN_COOKIE))
         if not token_matches(given):
             if request.path == "/" and request.method == "GET":
                 return Response(render_template("login.html", failed=False), 401,
@@ -257,7 +281,8 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
     bytes_in = body.size if isinstance(body, SpooledBody) else 0
     try:
         upstream = b.upstream.open(environ["REQUEST_METHOD"], consumer.url, target,
-                                   headers=request_headers(environ), body=body,
+                                   headers=without_broker_credential(request_headers(environ)),
+                                   body=body,
                                    read_timeout_s=consumer.read_timeout_s, consumer=name,
                                    exchange=exchange)
     except BaseException as e:
@@ -385,6 +410,15 @@ def healthz():
 def login():
     """The status page's way in when server.auth_token is set: the token,
     checked, goes into a cookie the page's own requests then carry."""
+    # Unauthenticated, so it reads no more than a token needs: a multipart
+    # body of any size went into temporary files first (400 MiB, 417 MB of
+    # disk, then 401).
+    request.max_content_length = LOGIN_MAX_BYTES
+    request.max_form_memory_size = LOGIN_MAX_BYTES
+    request.max_form_parts = 4
+    if request.content_type and not request.content_type.startswith(
+            "application/x-www-form-urlencoded"):
+        raise BadRequest("the login form is application/x-www-form-urlencoded")
     token = request.form.get("token", "")
     if not token_matches(token):
         return render_template("login.html", failed=True), 401
@@ -448,6 +482,8 @@ def on_http_error(e: HTTPException):
         return resp
     if e.code == 404:
         return error_response(NotFound(f"no route {request.path}"))
+    if e.code == 413:
+        return error_response(PayloadTooLarge(e.description or "the request body is too large"))
     err = BrokerError(e.description or e.name)
     err.status, err.code = e.code or 500, e.name.lower().replace(" ", "_")
     return error_response(err)

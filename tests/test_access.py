@@ -165,3 +165,36 @@ def test_healthz_fails_when_a_lease_outlives_its_deadline():
     assert b.status()["broker"]["live"] is False
     job.finish(ok=True)
     assert c.get("/healthz").status_code == 200
+
+
+def test_the_brokers_token_never_reaches_a_service_but_the_services_own_key_does(echo):
+    """The token (header and cookie) was forwarded to every service: any of
+    them, its logs or plugins, learnt the key to the whole broker."""
+    _, c = client(config(echo.url, auth_token=TOKEN))
+    seen = []
+    for headers in ({"Authorization": f"Bearer {TOKEN}"},
+                    {"X-Mgpumanager-Token": TOKEN, "Authorization": "Bearer service-key"},
+                    {}):
+        if not headers:                            # the status page's cookie
+            c.set_cookie("theirs", "1")
+            c.set_cookie("mgpumanager_token", TOKEN)
+        r = c.get("/upstream/echo/echo", headers=headers)
+        assert r.status_code == 200, r.data
+        seen.append({k.lower(): v for k, v in r.json["headers"]})
+    for headers in seen:
+        assert TOKEN not in " ".join(headers.values())
+    assert seen[1]["authorization"] == "Bearer service-key"
+    assert "theirs=1" in seen[2]["cookie"]
+
+
+def test_an_unauthenticated_login_reads_no_more_than_a_token_needs():
+    """Multipart bodies of any size went into temporary files (400 MiB took
+    417 MB of disk), then 401."""
+    _, c = client(config(auth_token=TOKEN))
+    origin = {"Origin": "http://localhost"}
+    big = c.post("/login", data={"token": "x" * 100_000}, headers=origin)
+    assert big.status_code == 413 and big.json["error"]["code"] == "payload_too_large"
+    upload = c.post("/login", data={"token": TOKEN, "f": (__import__("io").BytesIO(b"x"), "f")},
+                    headers=origin, content_type="multipart/form-data")
+    assert upload.status_code == 400
+    assert c.post("/login", data={"token": TOKEN}, headers=origin).status_code == 302

@@ -70,3 +70,17 @@ def test_busy_probe_reads_the_listed_queues(sim):
     while actions.is_busy(c):
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_a_busy_probe_that_fails_counts_as_busy_unless_nothing_listens(echo):
+    """A /queue slower than health.timeout_s, or one 500, counted as idle:
+    the next job started mid-render."""
+    from conftest import free_port
+    actions = HttpActions(1.0, 0.3)
+
+    def consumer(url, path):
+        return parse_config({"routes": {}, "consumers": {"c": {
+            "url": url, "vram_resident_mib": 1, "busy": {"path": path}}}}).consumers["c"]
+    assert actions.is_busy(consumer(echo.url, "/slow?s=2")) is True
+    assert actions.is_busy(consumer(echo.url, "/status/500")) is True
+    assert actions.is_busy(consumer(f"http://127.0.0.1:{free_port()}", "/queue")) is False

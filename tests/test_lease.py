@@ -62,6 +62,10 @@ def hold_gpu(broker):
     pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
                  id="two-lengths"),
     pytest.param(b"HTTP/1.1 2000 Nope\r\n\r\n", id="bad-status-line"),
+    # http.client stops parsing at the line, losing Content-Length: the
+    # answer went out chunked and held the GPU until read_timeout_s.
+    pytest.param(b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 5\r\n\r\nhello",
+                 id="a-line-that-is-no-header"),
     pytest.param(b"HTTP/1.1 200 OK\r\nX-Partial: 1\r\n", id="head-cut-off"),
     pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                  id="transfer-coding-besides-chunked"),
