@@ -91,6 +91,14 @@ class BrokerWorker(ThreadWorker):
                 self.log.warning("cannot accept a connection now: %s", e)
                 time.sleep(0.05)
                 return
+            if e.errno == errno.EINVAL:
+                # Its read side was shut on a full stop (refuse_new_if_stopping)
+                # while the event loop could still poll it: accept no more.
+                try:
+                    self.poller.unregister(listener)
+                except (KeyError, ValueError, OSError):
+                    pass
+                return
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -243,6 +251,9 @@ class BrokerWorker(ThreadWorker):
         """
         try:
             ours = {os.fstat(s.fileno()).st_ino for s in self.sockets}
+        except (OSError, AttributeError, ValueError):
+            return                        # the event loop has closed them already: nothing to do
+        try:
             master = set()
             for fd in os.listdir(f"/proc/{self.ppid}/fd"):
                 try:
