@@ -68,6 +68,7 @@ class BrokerWorker(ThreadWorker):
         self.heading: deque[BrokerConn] = deque()      # gathering a head; by deadline
         self.lingering: deque[tuple[float, socket.socket]] = deque()
         self.head_timeout_s = 60.0
+        self._listeners_shut = False
 
     def load_wsgi(self):
         super().load_wsgi()
@@ -94,10 +95,8 @@ class BrokerWorker(ThreadWorker):
             if e.errno == errno.EINVAL:
                 # Its read side was shut on a full stop (refuse_new_if_stopping)
                 # while the event loop could still poll it: accept no more.
-                try:
-                    self.poller.unregister(listener)
-                except (KeyError, ValueError, OSError):
-                    pass
+                self._listeners_shut = True
+                self.set_accept_enabled(False)
                 return
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
@@ -108,6 +107,11 @@ class BrokerWorker(ThreadWorker):
             self.enqueue_req(conn)        # TLS: the thread does the handshake as before
         else:
             self._gather(conn)
+
+    def set_accept_enabled(self, enabled):
+        if enabled and self._listeners_shut:
+            return                        # shut for a stop: polling them would spin
+        super().set_accept_enabled(enabled)
 
     def on_client_socket_readable(self, conn, client):
         """A kept-alive connection has bytes: gather its next head first."""
