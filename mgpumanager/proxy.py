@@ -665,12 +665,16 @@ class StreamedBody:
             return
         self._closed = True
         try:
-            if self.complete and self.exchange.cut_reason is None:
+            if self._bodyless:
+                # Nothing may follow a bodyless answer (HEAD, 1xx, 204, 304),
+                # but a service that sends bytes anyway would have them read
+                # as the next client's answer, or end its GPU job early:
+                # such a connection is never reused.
+                self.response.close()
+            elif self.complete and self.exchange.cut_reason is None:
                 sock = getattr(self.response.connection, "sock", None)
                 if sock is not None:
                     self.exchange.detach(sock)    # it goes back to the pool
-                if self._bodyless:
-                    self.response.drain_conn()    # lets http.client mark it finished
                 self.response.release_conn()      # whole: the connection is reusable
             else:
                 # The client gone (seen by the watchdog, or by a write that

@@ -276,3 +276,15 @@ def test_status_has_the_contract_shape(broker):
                                     "last_wait_ms", "last_run_ms", "oldest_queued_s",
                                     "evictions", "loads"}
     assert requests.get(broker.url + "/healthz").json() == {"ok": True}
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 Not Modified"])
+def test_bytes_after_a_bodyless_answer_never_reach_the_next_request(broker, echo, status_line):
+    """A service that sends more after a 204: the connection went back to
+    the pool and the next client received those bytes as its answer."""
+    echo.verbatim["nobody"] = [status_line + b"\r\n\r\n", 0.5,
+                               b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"]
+    first = requests.get(broker.url + "/upstream/echo/raw/nobody", timeout=5)
+    assert first.status_code == int(status_line.split()[1]) and first.content == b""
+    second = requests.get(broker.url + "/upstream/echo/small", timeout=5)
+    assert second.content == b'{"ok":true}'
