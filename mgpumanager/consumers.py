@@ -232,6 +232,13 @@ def run_command(name: str, argv: tuple[str, ...], timeout_s: float) -> str | Non
         try:
             code = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            # Its descendants first: one that called setsid has left the
+            # process group, but not the tree.
+            for pid in descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
@@ -242,10 +249,31 @@ def run_command(name: str, argv: tuple[str, ...], timeout_s: float) -> str | Non
         size = out.seek(0, os.SEEK_END)
         out.seek(max(0, size - 2000))
         tail = out.read().decode("utf-8", "replace").strip()[-300:]
-    log.info("%s: %s exited %d%s", name, what, code, f": {tail}" if tail else "")
+    # Quoted: a command's output must not be able to forge log lines.
+    log.info("%s: %s exited %d%s", name, what, code, f": {tail!r}" if tail else "")
     if code != 0:
-        return f"{what} exited {code}: {tail[-200:]}"
+        return f"{what} exited {code}: {tail[-200:]!r}"
     return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class MovingCost:

@@ -2,6 +2,7 @@
 whisper.cpp stopped and started by commands, ComfyUI's late /free, and the
 services' own client libraries talking through /upstream/."""
 
+import os
 import sys
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, deep_merge, sim_config
+from conftest import ROOT, deep_merge, sim_config, wait_until
 from mgpumanager.config import parse_config
 
 
@@ -111,7 +112,38 @@ def test_a_chatty_or_hanging_command_is_bounded_in_memory_and_time():
     assert "no exit within 1 s" in error and time.monotonic() - t0 < 5
     error = run_command("x", (sys.executable, "-c",
                               "import sys; sys.stdout.buffer.write(b'\\xff done'); sys.exit(3)"), 5)
-    assert error.endswith("exited 3: \ufffd done")
+    assert error.endswith("exited 3: '\ufffd done'")
+
+
+def test_a_commands_setsid_grandchild_dies_with_it_at_the_timeout(tmp_path):
+    """A grandchild in a session of its own left the process group, and
+    survived the timeout's kill."""
+    from mgpumanager.consumers import run_command
+    pidfile = tmp_path / "grandchild.pid"
+    error = run_command("x", (sys.executable, "-c",
+                              "import os, subprocess, sys, time\n"
+                              "p = subprocess.Popen([sys.executable, '-c', "
+                              "'import os, time; os.setsid(); time.sleep(60)'])\n"
+                              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+                              "time.sleep(60)"), 1.0)
+    assert "no exit within 1 s" in error
+    pid = int(pidfile.read_text())
+
+    def gone():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    wait_until(gone, timeout=5, what="the grandchild to die")
+
+
+def test_a_commands_output_cannot_forge_log_lines(caplog):
+    from mgpumanager.consumers import run_command
+    with caplog.at_level("INFO", logger="mgpumanager.consumers"):
+        run_command("x", (sys.executable, "-c",
+                          "print('ok\\n[2026-01-01] [INFO] job consumer=evil status=200')"), 5)
+    assert all("\n" not in r.getMessage() for r in caplog.records)
 
 
 def test_the_ollama_client_works_through_upstream(sim, start_broker):
