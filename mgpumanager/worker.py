@@ -192,6 +192,23 @@ class BrokerWorker(ThreadWorker):
 
     def murder_pending(self):
         super().murder_pending()
+        # At worker_connections gunicorn stops accepting, and idle sockets
+        # (an attacker reconnects as they time out) would keep everyone out:
+        # make room by closing the oldest connection that has sent no whole
+        # head, then the oldest idle kept-alive one.
+        while self.nr_conns >= self.worker_connections and (self.heading or
+                                                             self.keepalived_conns):
+            if self.heading:
+                conn = self.heading[0]
+                self._stop_gathering(conn)
+            else:
+                conn = self.keepalived_conns.popleft()
+                try:
+                    self.poller.unregister(conn.sock)
+                except (OSError, KeyError, ValueError):
+                    pass
+            self.nr_conns -= 1
+            conn.close()
         now = time.monotonic()
         while self.heading and self.heading[0].head_deadline <= now:
             conn = self.heading[0]

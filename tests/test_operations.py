@@ -268,3 +268,20 @@ def test_a_stop_with_jobs_in_flight_or_idle_is_clean(start_broker, sim):
             t.join(10)
         log = b.log()
         assert "Traceback" not in log and "Errno 22" not in log, log[-3000:]
+
+
+def test_idle_connections_at_the_cap_make_room_for_a_real_client(start_broker, sim):
+    """1000 idle connections filled worker_connections and the broker was
+    unreachable until they timed out; an attacker just reconnects."""
+    b = start_broker(sim_config(sim), extra_args=["--worker-connections", "30"])
+    idle = []
+    for i in range(60):
+        s = socket.create_connection(("127.0.0.1", b.port))
+        if i % 2:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")     # a head never finished
+        idle.append(s)
+    t0 = time.monotonic()
+    assert requests.get(b.url + "/healthz", timeout=10).ok
+    assert time.monotonic() - t0 < 3
+    for s in idle:
+        s.close()
