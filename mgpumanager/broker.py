@@ -186,6 +186,10 @@ class Broker:
         self._max_bypassed = 0                       # the most any granted job was passed
         self._max_late_s = 0.0                       # the longest past its FIFO turn
         self._last_belief_problem = None             # under the GPU lock only
+        # Non-GPU passthrough streams hold threads too; they may never take
+        # the ones the queue and the status page need.
+        self.streams = threading.BoundedSemaphore(
+            config.server.stream_limit(config.scheduler.max_queue))
         self._foreign_since: float | None = None     # another process seen holding the OS lock
         # Why the last config reload failed (the old config still serves), or None.
         self.config_error: str | None = None

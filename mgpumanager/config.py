@@ -33,7 +33,6 @@ GPU_BACKENDS = ("auto", "nvml", "nvidia-smi", "ledger", "sim")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 # Threads gunicorn keeps beyond the queue: one runs the current job, the rest
 # answer /v1/status, /healthz, /metrics and /audio while the queue is full.
-SPARE_THREADS = 8
 MIN_SPARE_THREADS = 4
 DEFAULT_GPU_ROUTES = ("POST *", "PUT *", "PATCH *")
 
@@ -48,8 +47,21 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()   # browser origins that may change state
     auth_token: str | None = None           # every route but /healthz needs it, when set
 
+    max_streams: int = 16                   # non-GPU passthrough requests at once
+
     def thread_count(self, max_queue: int) -> int:
-        return self.threads if self.threads is not None else max_queue + 1 + SPARE_THREADS
+        """Every queued job holds a thread, so do non-GPU streams (an ollama
+        pull, /audio): the queue, the running job, the streams, and spare
+        threads for status, health and metrics."""
+        if self.threads is not None:
+            return self.threads
+        return max_queue + 1 + self.max_streams + MIN_SPARE_THREADS
+
+    def stream_limit(self, max_queue: int) -> int:
+        """How many non-GPU streams may run at once: never the threads the
+        queue, the running job and the status page need."""
+        return max(1, min(self.max_streams,
+                          self.thread_count(max_queue) - max_queue - 1 - MIN_SPARE_THREADS))
 
 
 @dataclass(frozen=True)
@@ -710,7 +722,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
 
     s = r.section(top.get("server"), "server", ("bind", "workers", "threads", "log_format",
                                                 "allowed_hosts", "allowed_origins", "auth_token",
-                                                "auth_token_file"))
+                                                "auth_token_file", "max_streams"))
     d = ServerConfig()
     workers = r.integer(s, "workers", "server", d.workers, 1, maximum=64)
     if workers != 1:
@@ -719,7 +731,8 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     server = ServerConfig(
         bind=r.bind(s, "bind", "server", d.bind),
         workers=1,
-        threads=r.integer(s, "threads", "server", None, 1, maximum=MAX_QUEUE + 64),
+        threads=r.integer(s, "threads", "server", None, 1, maximum=MAX_QUEUE + 1024),
+        max_streams=r.integer(s, "max_streams", "server", d.max_streams, 1, maximum=1024),
         log_format=r.string(s, "log_format", "server", d.log_format, ("text", "json")),
         allowed_hosts=_read_strings(r, s.get("allowed_hosts"), "server.allowed_hosts",
                                     "a list of host names or addresses ('*': any)"),

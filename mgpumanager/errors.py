@@ -59,6 +59,11 @@ class QueueFull(BrokerError):
     status, code = 503, "queue_full"
 
 
+class TooManyStreams(BrokerError):
+    """Every thread non-GPU passthrough may use is streaming already."""
+    status, code = 503, "too_many_streams"
+
+
 class QueueTimeout(BrokerError):
     status, code = 503, "queue_timeout"
 

@@ -15,6 +15,7 @@ import logging
 import socket
 import sys
 import time
+from typing import Callable
 from urllib.parse import quote, unquote
 
 from flask import (Blueprint, Response, current_app, jsonify, redirect, render_template, request,
@@ -26,7 +27,8 @@ from werkzeug.routing import PathConverter
 
 from .broker import Broker, Job
 from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
-                     PayloadTooLarge, RequestTimeout, Unauthorized, UpstreamBadResponse)
+                     PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
+                     UpstreamBadResponse)
 from .lease import Exchange
 from .metrics import render as render_metrics
 from .proxy import (SpooledBody, StreamedBody, client_gone, drain_body, request_body,
@@ -248,10 +250,16 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     client_sock = environ.get("gunicorn.socket")
     if not gpu:
         b.check_healthy(name, kind)
+        if not b.streams.acquire(blocking=False):
+            limit = b.config.server.stream_limit(b.config.scheduler.max_queue)
+            raise TooManyStreams(f"{limit} requests that are no GPU job are streaming already "
+                                 "(server.max_streams)", consumer=name, kind=kind,
+                                 retry_after=1)
         exchange = Exchange()
         if client_sock is not None:
             exchange.attach(client_sock)      # an upstream that breaks off cuts the answer
-        return forward(name, kind, target, request_body(environ), exchange, None)
+        return forward(name, kind, target, request_body(environ), exchange, None,
+                       done=b.streams.release)
     try:
         body = spool_body(environ, b.config.proxy.max_body_bytes)
     except BrokerError as e:
@@ -272,9 +280,10 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
 
 
 def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
-            job: Job | None) -> Response:
+            job: Job | None, done: Callable[[], None] | None = None) -> Response:
     """Send the request upstream; the answer, or a typed error, comes back.
-    With a job, every way out of here ends it, or hands it to the response."""
+    With a job, every way out of here ends it, or hands it to the response;
+    ``done`` is called once, when the exchange is over."""
     b = broker()
     environ = request.environ
     consumer = b.config.consumers[name]
@@ -295,6 +304,8 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
             job.finish(ok=False, reached=getattr(e, "reached", None),
                        status=getattr(e, "status", None), bytes_in=bytes_in,
                        error=getattr(e, "message", f"the request failed: {type(e).__name__}"))
+        if done is not None:
+            done()
         raise
     finally:
         if isinstance(body, SpooledBody):
@@ -304,6 +315,8 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
     bodyless = environ["REQUEST_METHOD"] == "HEAD" or status in (204, 304) or status < 200
 
     def on_close(streamed: StreamedBody) -> None:
+        if done is not None:
+            done()
         if job is not None:
             job.finish(ok=streamed.complete and status < 500, reached=True, status=status,
                        bytes_in=bytes_in, bytes_out=streamed.bytes_out,

@@ -122,7 +122,9 @@ def test_threads_that_would_starve_status_are_refused():
     assert problems_of(data)[0].startswith("server.threads: expected at least "
                                            "scheduler.max_queue + 5 = 37")
     cfg = parse_config(GOOD)
-    assert cfg.server.thread_count(cfg.scheduler.max_queue) == 32 + 9
+    # the queue, the running job, 16 streams (server.max_streams), 4 spare
+    assert cfg.server.thread_count(cfg.scheduler.max_queue) == 32 + 1 + 16 + 4
+    assert cfg.server.stream_limit(cfg.scheduler.max_queue) == 16
 
 
 def test_file_errors_name_the_file(tmp_path):

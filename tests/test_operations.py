@@ -285,3 +285,24 @@ def test_idle_connections_at_the_cap_make_room_for_a_real_client(start_broker, s
     assert time.monotonic() - t0 < 3
     for s in idle:
         s.close()
+
+
+def test_long_streams_that_are_no_gpu_job_cannot_take_every_thread(broker_with, echo):
+    """NDJSON streams through /upstream/ could take every thread: threads =
+    max_queue + 9 did not count them, and /healthz went unanswered."""
+    b = broker_with({"scheduler": {"max_queue": 2}, "server": {"max_streams": 3}})
+    held = [requests.get(b.url + "/upstream/echo/hold", stream=True, timeout=30)
+            for _ in range(3)]
+    lines = [r.iter_lines() for r in held]
+    for it in lines:
+        assert next(it) == b"first"
+    refused = requests.get(b.url + "/upstream/echo/hold", timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_streams"
+    assert refused.headers["Retry-After"] == "1"
+    assert status_time(b) < 1.0
+    echo.release.set()
+    for r, it in zip(held, lines):
+        assert list(it) == [b"last"]
+        r.close()
+    wait_until(lambda: requests.get(b.url + "/upstream/echo/small", timeout=5).ok,
+               what="a stream slot to come free")

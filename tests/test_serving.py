@@ -42,7 +42,7 @@ def test_gunicorn_conf_derives_threads_from_the_queue(sim, tmp_path):
         [sys.executable, "-c", "from mgpumanager import gunicorn_conf as g; "
          "print(g.workers, g.worker_class, g.threads, g.bind)"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MGPUMANAGER_CONFIG": str(path)})
-    assert out.stdout.split() == ["1", "mgpumanager.worker.BrokerWorker", str(20 + 9),
+    assert out.stdout.split() == ["1", "mgpumanager.worker.BrokerWorker", str(20 + 21),
                                  "['127.0.0.1:8770']"]
 
 
