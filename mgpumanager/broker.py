@@ -191,6 +191,7 @@ class Broker:
         self.streams = threading.BoundedSemaphore(
             config.server.stream_limit(config.scheduler.max_queue))
         self._foreign_since: float | None = None     # another process seen holding the OS lock
+        self._busy_checked = False                   # under the GPU lock only
         # Why the last config reload failed (the old config still serves), or None.
         self.config_error: str | None = None
 
@@ -566,6 +567,8 @@ class Broker:
         # first (a health `loaded`, ollama's list), so that room is made by
         # knowledge, not by unloading what may hold nothing.
         self.health.wait_first_round(self.config.health.timeout_s + 1.0)
+        if not self._busy_checked:
+            self._wait_until_idle(deadline)
         while True:
             job.lease.check()
             # Every decision is checked against a fresh reading, also for a
@@ -649,6 +652,23 @@ class Broker:
         if c.load is not None and self.registry.loaded(target) is not True:
             job.lease.check()
             self._load(target, deadline, job.lease)
+
+    def _wait_until_idle(self, deadline: float) -> None:
+        """Before this broker's first job: a service may still work for the
+        one before it (a render ComfyUI began for the old worker of a
+        reload, or for a broker that was restarted), which held the GPU
+        until its busy probe said idle. Wait for every busy probe, once."""
+        self._busy_checked = True
+        for c in self.config.consumers.values():
+            if c.busy is None:
+                continue
+            waited = False
+            while self.clock() < deadline and self.actions.is_busy(c):
+                waited = True
+                self.sleep(self.config.scheduler.busy_poll_s)
+            if waited:
+                self.events.add("busy_at_start", f"waited for {c.name} to finish work it "
+                                "began before this worker started", consumer=c.name)
 
     def _with_waiting(self, views: dict[str, ConsumerView]) -> dict[str, ConsumerView]:
         """The views with how many queued jobs each consumer has: of equally

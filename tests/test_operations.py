@@ -306,3 +306,17 @@ def test_long_streams_that_are_no_gpu_job_cannot_take_every_thread(broker_with, 
         r.close()
     wait_until(lambda: requests.get(b.url + "/upstream/echo/small", timeout=5).ok,
                what="a stream slot to come free")
+
+
+def test_a_reload_during_a_render_does_not_start_the_next_job_before_it_ends(broker_with, sim):
+    """The old worker held the GPU for ComfyUI's render, exited while it ran,
+    and the new worker's TTS job started 8 ms before the render ended."""
+    sim.comfyui.render_s = 20          # 2 s at the tests' pace
+    b = broker_with()
+    old_pid = b.worker_pid()
+    assert requests.post(b.url + "/v1/image", json={"prompt": {"1": {}}}, timeout=10).ok
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.worker_pid() != old_pid, 20, "the new worker")
+    assert requests.post(b.url + "/v1/tts", timeout=30, **TTS).ok
+    wait_until(lambda: not sim.comfyui.busy, 10, "the render to end")
+    assert sim.gpu.overlaps() == [], sim.gpu.overlaps()
