@@ -30,7 +30,10 @@ def create_app(config: Config | str | None = None, *, reader: GpuReader | None =
         cfg = config
     else:
         # Under gunicorn, the copy the master validated (gunicorn_conf.py).
-        cfg = load_config(config, copy=None if config else os.environ.get(GOOD_CONFIG_ENV))
+        copy = None if config else os.environ.get(GOOD_CONFIG_ENV)
+        if copy and not os.path.exists(copy):
+            copy = None           # gone (removed by hand): the file, as without a master
+        cfg = load_config(config, copy=copy)
     setup_logging(cfg.server.log_format)
     app = Flask(__name__)
     app.json.sort_keys = False

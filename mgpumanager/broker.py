@@ -594,8 +594,7 @@ class Broker:
                 # by itself, or was restarted): ask every consumer once, then
                 # plan again.
                 asked = True
-                for name in self.registry.names():
-                    self.health.probe(name)
+                self.health.ask_all(self.config.health.timeout_s)
                 continue
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "

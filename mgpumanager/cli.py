@@ -17,11 +17,10 @@ def cmd_check_config(args) -> int:
         return 1
     # The worker opens the lock file at boot: a path it cannot use would
     # stop it there, so say it here (as the user the broker runs as).
-    from .oslock import LockFileError, OsLock, default_lock_file
-    try:
-        OsLock(cfg.scheduler.lock_file or default_lock_file()).close()
-    except LockFileError as e:
-        print(f"{cfg.path}: scheduler.lock_file: {e}", file=sys.stderr)
+    from .oslock import lock_file_problem
+    problem = lock_file_problem(cfg)
+    if problem:
+        print(f"{cfg.path}: scheduler.lock_file: {problem}", file=sys.stderr)
         return 1
     print(cfg.summary())
     return 0

@@ -611,7 +611,10 @@ class HealthMonitor:
                                           name=f"health-{name}") for name in registry.names()]
         self._unprobed = set(registry.names())
         self._first_round = threading.Event()     # every consumer answered (or not) once
+        self._first_waited = False
         self._started = False
+        self._asking: set[str] = set()              # probes ask_all started, still running
+        self._asking_lock = threading.Lock()
 
     def start(self) -> None:
         self._started = True
@@ -621,10 +624,39 @@ class HealthMonitor:
     def wait_first_round(self, timeout_s: float) -> bool:
         """Wait until every consumer has been probed once (what they say of
         their load state is the broker's first knowledge), at most
-        ``timeout_s``; at once if the probes were never started."""
-        if not self._started or self._first_round.is_set():
+        ``timeout_s``, and only the first time: a probe that never ends
+        must not delay every job. At once if the probes were never started."""
+        if not self._started or self._first_round.is_set() or self._first_waited:
             return True
+        self._first_waited = True
         return self._first_round.wait(timeout_s)
+
+    def ask_all(self, within_s: float) -> None:
+        """Probe every consumer now, all at once, and wait at most
+        ``within_s`` in all: a probe is bounded per read, not whole (an
+        answer can trickle), so a slow one is left to finish by itself."""
+        threads = []
+        for name in self.registry.names():
+            with self._asking_lock:
+                if name in self._asking:
+                    continue              # still asking it from the last time
+                self._asking.add(name)
+            t = threading.Thread(target=self._ask, args=(name,), daemon=True,
+                                 name=f"ask-{name}")
+            t.start()
+            threads.append(t)
+        deadline = time.monotonic() + within_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _ask(self, name: str) -> None:
+        try:
+            self.probe(name)
+        except Exception:
+            log.exception("health probe of %s failed", name)
+        finally:
+            with self._asking_lock:
+                self._asking.discard(name)
 
     def stop(self) -> None:
         self._stop.set()

@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from mgpumanager.config import ConfigError, config_path, load_config
+from mgpumanager.oslock import lock_file_problem
 
 # The master validates the config, at start and on every SIGHUP, and keeps a
 # copy of the last one that passed; the worker reads that copy. A reload with
@@ -25,22 +26,40 @@ GOOD_CONFIG_ENV = "MGPUMANAGER_GOOD_CONFIG"
 RELOAD_ERROR_ENV = "MGPUMANAGER_RELOAD_ERROR"
 
 
+# Copies a worker forked by an earlier HUP may still be about to read: HUPs
+# can come faster than a worker boots (a few KiB each, removed at exit).
+_KEPT_COPIES = 64
+_copies: list[str] = []
+
+
 def _keep_good_copy():
-    """Validate the config file and keep a copy of it; ConfigError if it is bad."""
+    """Validate the config file as the worker will use it (the YAML and the
+    lock file it opens) and keep a copy of it; ConfigError if it is bad."""
     path = config_path()
-    load_config(path)
+    cfg = load_config(path)
+    problem = lock_file_problem(cfg)
+    if problem:
+        raise ConfigError(path, [f"scheduler.lock_file: {problem}"])
     fd, copy = tempfile.mkstemp(prefix="mgpumanager-config-", suffix=".yaml")
-    with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    load_config(path, copy=copy)          # the copy is what was validated, or it changed
-    old = os.environ.get(GOOD_CONFIG_ENV)
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        load_config(path, copy=copy)      # the copy is what was validated, or it changed
+    except BaseException:
+        _unlink(copy)
+        raise
     os.environ[GOOD_CONFIG_ENV] = copy
     os.environ.pop(RELOAD_ERROR_ENV, None)
-    if old and old != copy:
-        try:
-            os.unlink(old)
-        except OSError:
-            pass
+    _copies.append(copy)
+    while len(_copies) > _KEPT_COPIES:
+        _unlink(_copies.pop(0))
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 try:
@@ -117,16 +136,12 @@ def on_reload(server):
     try:
         _keep_good_copy()
         server.log.info("mgpumanager: config %s reloaded", config_path())
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:   # OSError: no temporary directory, a full disk
         os.environ[RELOAD_ERROR_ENV] = str(e)
         server.log.error("mgpumanager: the config reload FAILED; still serving the last good "
                          "config. %s", e)
 
 
 def on_exit(server):
-    copy = os.environ.get(GOOD_CONFIG_ENV)
-    if copy:
-        try:
-            os.unlink(copy)
-        except OSError:
-            pass
+    for copy in _copies:
+        _unlink(copy)

@@ -101,6 +101,16 @@ def flock_holders(path_fd: int) -> list[int]:
     return pids
 
 
+def lock_file_problem(cfg) -> str | None:
+    """Why the config's lock file cannot be used, as the worker would open
+    it at boot; None if it can."""
+    try:
+        OsLock(cfg.scheduler.lock_file or default_lock_file()).close()
+    except LockFileError as e:
+        return str(e)
+    return None
+
+
 class OsLock:
     """An exclusive flock, taken with a deadline and a cancel check, by the
     one thread the in-process FIFO lets through at a time."""

@@ -165,9 +165,12 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     # Memory no belief explains may come free by itself, unless it may be
     # the target's own; a vram_managed consumer frees by itself, and a
     # ledger sees it only if asking says so.
+    managed_believed_mib = sum(v.resident_mib for v in others if v.vram_managed)
     may_free = (live and used - others_mib - share
                 - (me.resident_mib if me.loaded is None else 0) > cushion_mib) \
-        or any(v.vram_managed and (live or v.reports) for v in others)
+        or any(v.vram_managed and v.reports for v in others) \
+        or (live and managed_believed_mib > 0
+            and used - share >= others_mib - cushion_mib)   # the reading can hold it
     if live:
         extra = [v for v in views.values()
                  if v.can_unload and not v.vram_managed and v not in candidates and (

@@ -109,12 +109,17 @@ def without_broker_credential(headers: dict[str, str]) -> dict[str, str]:
     its logs or plugins drive the whole broker."""
     headers.pop(TOKEN_HEADER, None)
     token = broker().config.server.auth_token
-    auth = headers.get("Authorization", "")
-    if token is not None and auth[:7].lower() == "bearer " and token_matches(auth[7:]):
+    auth = headers.get("Authorization", "").split(None, 1)
+    # Any form the guard may have taken it in (spaces, quotes).
+    if token is not None and len(auth) == 2 and auth[0].lower() == "bearer" \
+            and token_matches(auth[1].strip()):
         del headers["Authorization"]
     if "Cookie" in headers:
-        kept = [c for c in headers["Cookie"].split(";")
-                if c.strip().partition("=")[0] != TOKEN_COOKIE]
+        def ours(part: str) -> bool:
+            name, _, value = part.partition("=")
+            return name.strip() == TOKEN_COOKIE or (
+                token is not None and token_matches(value.strip().strip('"')))
+        kept = [c for c in headers["Cookie"].split(";") if not ours(c)]
         if kept:
             headers["Cookie"] = ";".join(kept).strip()
         else:

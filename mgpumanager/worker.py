@@ -77,7 +77,9 @@ class BrokerWorker(ThreadWorker):
             self.head_timeout_s = broker.config.proxy.client_timeout_s
 
     def _broker(self):
-        extensions = getattr(self.wsgi, "extensions", None) or {}
+        # None while still booting: a worker a fast second HUP retires
+        # gets its SIGTERM before it has loaded the app.
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", None) or {}
         return extensions.get("mgpumanager")
 
     # -- 1. whole heads only --------------------------------------------------

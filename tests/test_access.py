@@ -173,6 +173,7 @@ def test_the_brokers_token_never_reaches_a_service_but_the_services_own_key_does
     _, c = client(config(echo.url, auth_token=TOKEN))
     seen = []
     for headers in ({"Authorization": f"Bearer {TOKEN}"},
+                    {"X-Mgpumanager-Token": TOKEN, "Authorization": f"Bearer  {TOKEN}"},
                     {"X-Mgpumanager-Token": TOKEN, "Authorization": "Bearer service-key"},
                     {}):
         if not headers:                            # the status page's cookie
@@ -183,8 +184,8 @@ def test_the_brokers_token_never_reaches_a_service_but_the_services_own_key_does
         seen.append({k.lower(): v for k, v in r.json["headers"]})
     for headers in seen:
         assert TOKEN not in " ".join(headers.values())
-    assert seen[1]["authorization"] == "Bearer service-key"
-    assert "theirs=1" in seen[2]["cookie"]
+    assert seen[2]["authorization"] == "Bearer service-key"
+    assert "theirs=1" in seen[3]["cookie"]
 
 
 def test_an_unauthenticated_login_reads_no_more_than_a_token_needs():

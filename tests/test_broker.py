@@ -308,3 +308,23 @@ def test_making_room_unloads_each_consumer_at_most_once_per_job():
         b.start_job("comfyui", "image")
     unloads = [name for what, name in actions.calls if what == "unload"]
     assert len(unloads) == len(set(unloads)), unloads
+
+
+def test_asking_every_consumer_is_bounded_in_all_by_the_health_timeout():
+    """A consumer whose /health answer trickles (one byte every 0.3 s) kept
+    a job, and the GPU lock, as long as it liked: the probe's timeout bounds
+    each read, not the answer."""
+    class Trickling(RecordingActions):
+        def probe_health(self, c):
+            if c.name == "whisper":
+                time.sleep(5)
+            return super().probe_health(c)
+    b = Broker(parse_config({**CONFIG, "health": {"timeout_s": 0.5},
+                             "scheduler": {"queue_timeout_s": 30, "evict_settle_s": 0}},
+                            "test.yaml"), actions=Trickling(fail=["comfyui", "whisper"]))
+    set_loaded(b, ollama=True, comfyui=True, whisper=True, mvoice=False)
+    for _ in range(2):                  # the second job does not wait for the first's probe
+        t0 = time.monotonic()
+        with pytest.raises(InsufficientVram):
+            b.start_job("mvoice", "tts")
+        assert time.monotonic() - t0 < 1.5

@@ -7,6 +7,7 @@ import threading
 import time
 
 import requests
+import yaml
 
 from conftest import read_until_closed, sim_config, wait_until
 
@@ -320,3 +321,36 @@ def test_a_reload_during_a_render_does_not_start_the_next_job_before_it_ends(bro
     assert requests.post(b.url + "/v1/tts", timeout=30, **TTS).ok
     wait_until(lambda: not sim.comfyui.busy, 10, "the render to end")
     assert sim.gpu.overlaps() == [], sim.gpu.overlaps()
+
+
+def test_reloads_that_would_fail_in_the_worker_or_come_fast_keep_the_broker(broker_with,
+                                                                              tmp_path):
+    """A config that parses but names an unusable lock file made the new
+    worker exit 3 and gunicorn halt; so did HUPs faster than a worker boots
+    (the copy it was to read was gone)."""
+    b = broker_with()
+    good = b.config_path.read_text()
+    (tmp_path / "planted").symlink_to("/etc/hostname")
+    cfg = yaml.safe_load(good)
+    cfg["scheduler"]["lock_file"] = str(tmp_path / "planted")
+    b.config_path.write_text(yaml.safe_dump(cfg))
+    pid = b.worker_pid()
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.worker_pid() != pid, 20, "the new worker")
+    assert "symbolic link" in b.status()["broker"]["config_error"]
+    b.config_path.write_text(good)
+    for _ in range(6):
+        b.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.15)
+    time.sleep(2)
+    assert b.proc.poll() is None, b.log()[-2000:]
+
+    def reloaded():
+        try:                       # workers come and go meanwhile
+            return b.status()["broker"]["config_error"] is None
+        except requests.RequestException:
+            return False
+    wait_until(reloaded, 30, "a good reload")
+    assert b.proc.poll() is None, b.log()[-2000:]
+    wait_until(lambda: requests.post(b.url + "/v1/tts", timeout=30, **TTS).ok, 30,
+               "a job on the reloaded broker")
