@@ -11,7 +11,8 @@ every --hup-every seconds. At the end it checks: every request got a
 definite answer or a cut (none hung), no two GPU jobs overlapped, no
 simulated OOM, no lease outlived its deadline (/healthz never said so), and
 threads, open files and RSS stayed flat (first minute against the last).
-Writes bench/soak.json and a section of bench/RESULTS.md; exits 1 if a
+Writes bench/out/soak.json (--out; with --write-results, also the soak section
+of bench/RESULTS.md); exits 1 if a
 promise broke.
 """
 
@@ -94,13 +95,12 @@ def client(url: str, stop: threading.Event, tally: Tally, seed: int) -> None:
                           + (f" {r.json()['error']['code']}" if r.status_code >= 400 and
                              r.headers.get('Content-Type') == 'application/json' else ""))
             elif behaviour == "hang-up":
-                with socket.create_connection((host, port), timeout=30) as s:
-                    body = json.dumps({"text": "bye"}).encode()
-                    s.sendall(b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\n"
-                              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                              % (len(body), body))
-                    s.recv(rnd.randint(1, 200))
-                tally.add("client hung up")
+                # Any kind, at a random byte of its answer (an LLM stream
+                # mid-token included), on a connection of its own.
+                with requests.Session() as session, session.post(
+                        f"{url}/v1/{kind}", timeout=30, stream=True, **PAYLOAD[kind]) as r:
+                    r.raw.read(rnd.randint(1, 400))
+                tally.add(f"client hung up ({kind})")
             else:
                 with socket.create_connection((host, port), timeout=30) as s:
                     s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
@@ -154,6 +154,10 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--hup-every", type=float, default=60)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "soak.json"),
+                   help="where the results go (default bench/out/soak.json, not tracked)")
+    p.add_argument("--write-results", action="store_true",
+                   help="also rewrite the soak section of bench/RESULTS.md")
     a = p.parse_args()
     sim = start_cluster(24576, time_scale=0.2)
     from mgpumanager.sim.echo import EchoServer
@@ -196,7 +200,6 @@ def main() -> int:
     for t in threads:
         t.join(120)
     time.sleep(2)
-    st = requests.get(url + "/v1/status", timeout=5).json()["scheduler"]
     proc.send_signal(signal.SIGTERM)
     proc.wait(40)
     sim.stop()
@@ -213,8 +216,12 @@ def main() -> int:
         "minutes": a.minutes, "clients": a.clients, "hups": hups,
         "outcomes": dict(tally.outcomes), "faults": dict(collections.Counter(fault_log)),
         "healthz": dict(health), "overlapping_gpu_jobs": len(overlaps),
+        "overlaps": [f"{x.kind} ({x.consumer}) then {y.kind} ({y.consumer}), "
+                     f"{(x.end - y.start) * 1000:.0f} ms" for x, y in overlaps],
         "max_concurrent_gpu_jobs": sim.gpu.max_concurrent, "simulated_ooms": sim.gpu.ooms,
-        "leases_expired": st["leases_expired"], "gpu_jobs": st["total_jobs"],
+        # Every worker's, from the log: each SIGHUP starts fresh counters.
+        "leases_expired": log_count(log_path, "past scheduler.job_timeout_s; the watchdog"),
+        "gpu_jobs": log_count(log_path, "job consumer="),
         "first_minute": first, "last_minute": last,
     }
     broken = []
@@ -233,11 +240,20 @@ def main() -> int:
     if first["rss_mib"] and last["rss_mib"] and last["rss_mib"] > first["rss_mib"] * 1.5 + 20:
         broken.append(f"RSS grew {first['rss_mib']} -> {last['rss_mib']} MiB")
     result["broken"] = broken
-    (ROOT / "bench" / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    write_results(result)
+    if a.write_results:
+        write_results(result)
     print("soak: " + ("PASSED" if not broken else "FAILED: " + "; ".join(broken)))
     return 1 if broken else 0
+
+
+def log_count(log_path: Path, needle: str) -> int:
+    """Lines of the broker's log (every worker's) that hold ``needle``."""
+    with open(log_path, errors="replace") as f:
+        return sum(needle in line for line in f)
 
 
 def write_results(r: dict) -> None:

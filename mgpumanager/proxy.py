@@ -556,6 +556,11 @@ class ResponseCut(ConnectionResetError):
 _HELD_STATES = {1, 4, 5}        # ESTABLISHED, FIN_WAIT1, FIN_WAIT2
 
 
+# A service's pace between chunks when none was measured: an LLM token on a
+# slow card (20 tokens a second).
+UNKNOWN_GAP_S = 0.05
+
+
 def _tcp_state(sock) -> int | None:
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
@@ -578,8 +583,10 @@ def wait_for_let_go(sock, within_s: float, gap_s: float | None) -> float:
     deadline = t0 + within_s
     while _tcp_state(sock) in _HELD_STATES and time.monotonic() < deadline:
         time.sleep(0.005)
-    if gap_s and _tcp_state(sock) == 7:       # reset by us: its next write fails
-        time.sleep(max(0.0, min(1.5 * gap_s + 0.01, deadline - time.monotonic())))
+    if _tcp_state(sock) == 7:                 # reset by us: its next write fails
+        # Cut before two chunks came, its pace is unknown: a token's worth.
+        gap = gap_s if gap_s is not None else UNKNOWN_GAP_S
+        time.sleep(max(0.0, min(1.5 * gap + 0.01, deadline - time.monotonic())))
     return time.monotonic() - t0
 
 
