@@ -31,8 +31,8 @@ from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFo
                      UpstreamBadResponse)
 from .lease import Exchange
 from .metrics import render as render_metrics
-from .proxy import (SpooledBody, StreamedBody, client_gone, drain_body, request_body,
-                    request_headers, response_headers, spool_body, status_line)
+from .client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
+from .proxy import StreamedBody, request_headers, response_headers, status_line
 
 log = logging.getLogger("mgpumanager.web")
 bp = Blueprint("mgpumanager", __name__)

@@ -203,7 +203,7 @@ def test_gpu_routes_match_after_normalising(method, path, gpu):
 
 def test_draining_a_refused_body_gives_the_socket_its_deadline_back():
     import io
-    from mgpumanager.proxy import drain_body
+    from mgpumanager.client_body import drain_body
     a, b = socket.socketpair()
     a.settimeout(60)
     drain_body({"CONTENT_LENGTH": "5", "wsgi.input": io.BytesIO(b"hello"),

@@ -103,7 +103,7 @@ def test_a_failing_command_is_an_unload_failure_with_its_output(sim, start_broke
 
 
 def test_a_chatty_or_hanging_command_is_bounded_in_memory_and_time():
-    from mgpumanager.consumers import run_command
+    from mgpumanager.commands import run_command
     t0 = time.monotonic()
     error = run_command("x", (sys.executable, "-c",
                               "import sys, time\n"
@@ -118,7 +118,7 @@ def test_a_chatty_or_hanging_command_is_bounded_in_memory_and_time():
 def test_a_commands_setsid_grandchild_dies_with_it_at_the_timeout(tmp_path):
     """A grandchild in a session of its own left the process group, and
     survived the timeout's kill."""
-    from mgpumanager.consumers import run_command
+    from mgpumanager.commands import run_command
     pidfile = tmp_path / "grandchild.pid"
     error = run_command("x", (sys.executable, "-c",
                               "import os, subprocess, sys, time\n"
@@ -139,7 +139,7 @@ def test_a_commands_setsid_grandchild_dies_with_it_at_the_timeout(tmp_path):
 
 
 def test_a_commands_output_cannot_forge_log_lines(caplog):
-    from mgpumanager.consumers import run_command
+    from mgpumanager.commands import run_command
     with caplog.at_level("INFO", logger="mgpumanager.consumers"):
         run_command("x", (sys.executable, "-c",
                           "print('ok\\n[2026-01-01] [INFO] job consumer=evil status=200')"), 5)

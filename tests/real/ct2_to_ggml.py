@@ -137,19 +137,25 @@ def openai_tensors(v: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not name.endswith(".key"):       # Whisper's key projection has no bias
                 out[f"{name}.bias"] = b[i * n:(i + 1) * n]
 
+    def self_attention(src, dst):
+        split([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
+              f"{src}/self_attention/linear_0")
+        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+        ln(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
+
+    def mlp(src, dst):
+        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
+        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
+        ln(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+
     out["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
     for i in (1, 2):
         linear(f"encoder.conv{i}", f"encoder/conv{i}")
     n_enc = sum(1 for k in v if k.startswith("encoder/layer_") and k.endswith("/ffn/linear_0/weight"))
     for i in range(n_enc):
         src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        split([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-              f"{src}/self_attention/linear_0")
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
-        ln(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
-        ln(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+        self_attention(src, dst)
+        mlp(src, dst)
     ln("encoder.ln_post", "encoder/layer_norm")
 
     out["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
@@ -157,17 +163,12 @@ def openai_tensors(v: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n_dec = sum(1 for k in v if k.startswith("decoder/layer_") and k.endswith("/ffn/linear_0/weight"))
     for i in range(n_dec):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        split([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-              f"{src}/self_attention/linear_0")
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
-        ln(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
+        self_attention(src, dst)
         linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
         split([f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"], f"{src}/attention/linear_1")
         linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
         ln(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
-        ln(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+        mlp(src, dst)
     ln("decoder.ln", "decoder/layer_norm")
     return out
 
