@@ -37,8 +37,11 @@ def test_metrics_parse_and_move_when_jobs_run(broker):
     assert before[("mgpumanager_gpu_memory_total_bytes", (("source", "sim"),))] == 24576 * 1024 ** 2
     assert before[("mgpumanager_consumer_up", (("consumer", "mvoice"),))] == 1.0
     assert requests.post(broker.url + "/v1/tts", json={"text": "hi"}).status_code == 200
-    after = metric_values(requests.get(broker.url + "/metrics").text)
     key = ("mgpumanager_jobs_total", (("consumer", "mvoice"), ("outcome", "ok")))
+    # The job is counted once its answer has gone out, a moment after the client has it.
+    wait_until(lambda: key in metric_values(requests.get(broker.url + "/metrics").text),
+               what="the job counted")
+    after = metric_values(requests.get(broker.url + "/metrics").text)
     assert after[key] == before.get(key, 0) + 1
     assert after[("mgpumanager_job_run_seconds_count", ())] == before[("mgpumanager_job_run_seconds_count", ())] + 1
     assert after[("mgpumanager_consumer_loaded", (("consumer", "mvoice"),))] == 1.0
