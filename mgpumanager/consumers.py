@@ -19,7 +19,7 @@ import requests
 from .commands import run_command
 from .config import Call, Config, ConsumerConfig, ModelsFrom
 from .errors import BrokerError
-from .gpu import iso_utc
+from .clock import iso_utc
 from .policy import ConsumerView, context_allowance
 from .procs import Measured
 from .proxy import describe

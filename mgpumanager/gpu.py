@@ -21,6 +21,7 @@ from typing import Callable
 
 import requests
 
+from .clock import Clock, iso_utc
 from .config import GpuConfig
 
 log = logging.getLogger("mgpumanager.gpu")
@@ -61,12 +62,6 @@ class GpuReading:
                 "sampled_at": iso_utc(self.sampled_at), "error": self.error,
                 "processes": (None if self.processes is None else
                               [{"pid": p, "used_mib": m} for p, m in self.processes])}
-
-
-def iso_utc(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 class GpuReader:
@@ -255,9 +250,10 @@ class _BrokenReader(GpuReader):
 class GpuSampler:
     """A daemon thread that keeps a recent reading for status and metrics."""
 
-    def __init__(self, reader: GpuReader, interval_s: float,
+    def __init__(self, reader: GpuReader, interval_s: float, *, clock: Clock | None = None,
                  on_sample: Callable[[GpuReading, float], None] | None = None):
         self.reader = reader
+        self._clock = clock or Clock()
         self.interval_s = interval_s
         self._on_sample = on_sample
         self._latest: GpuReading | None = None      # replaced whole; reads need no lock
@@ -277,7 +273,7 @@ class GpuSampler:
         return self._thread.ident is None or self._thread.is_alive() or self._stop.is_set()
 
     def sample(self) -> GpuReading:
-        taken_at = time.monotonic()
+        taken_at = self._clock.now()
         reading = self.reader.read()
         self._latest = reading
         if self._on_sample is not None:

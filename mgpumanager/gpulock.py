@@ -105,6 +105,12 @@ class GpuLock:
         self._reordered = 0
         self._swaps_saved = 0
 
+    def order_by(self, chooser: Chooser | None, estimator: Estimator | None) -> None:
+        """Who goes next when the lock comes free (None: arrival order), and
+        how long a new job would wait. Set once, before the first job."""
+        self._chooser = chooser
+        self._estimator = estimator
+
     def acquire(self, label: str, timeout: float, *,
                 cancelled: Callable[[], bool] | None = None, poll_s: float = 0.5,
                 consumer: str | None = None, kind: str | None = None, priority: int = 0,

@@ -102,13 +102,13 @@ class Lease(Exchange):
     thread when the consumer goes idle, or the watchdog past the deadline.
     """
 
-    def __init__(self, label: str, ticket, deadline: float,
+    def __init__(self, label: str, ticket, granted_at: float, deadline: float,
                  on_release: Callable[["Lease"], None]):
         super().__init__()
         self.label = label
         self.ticket = ticket
-        self.granted_at = time.monotonic()
-        self.deadline = deadline              # time.monotonic()
+        self.granted_at = granted_at          # on the clock of the LeaseWatch that watches it
+        self.deadline = deadline
         self.job = None                       # the broker's Job, when it is one
         self.expired = False                  # released by the watchdog
         self._on_release = on_release

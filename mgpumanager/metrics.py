@@ -1,15 +1,19 @@
-"""``/metrics``: a Prometheus collector over the broker's live state.
+"""``/metrics``: the broker's counters, and gauges over its live state.
 
-Nothing here counts anything: each scrape reads ``Broker.stats()``, the
-registry's snapshot and the latest GPU reading, the same numbers
-``/v1/status`` shows, so the two can never drift apart.
+The counters and histograms are prometheus-client objects that stats.py
+increments (the same objects /v1/status reads); the gauges here are read
+at each scrape from the lock, the registry's snapshot and the latest GPU
+reading, the numbers ``/v1/status`` shows, so the two never drift apart.
 """
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, InfoMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+# The broker's process is its own: no `_created` series beside each counter.
+prometheus_client.disable_created_metrics()
 
 MIB = 1024 * 1024
 
@@ -18,16 +22,19 @@ class BrokerCollector:
     def __init__(self, broker):
         self.broker = broker
 
+    def describe(self):
+        return []         # registered without a scrape: a reading can be an HTTP call
+
     def collect(self):
         b = self.broker
-        stats = b.stats()
-        reading = b.sampler.latest()
+        snap = b.gpu.lock.snapshot()
+        reading = b.gpu.sampler.latest()
         consumers = b.registry.snapshot()
 
         info = InfoMetricFamily("mgpumanager_gpu", "The GPU reading's source and device.",
                                 labels=["source"])
         info.add_metric([reading.source], {"name": reading.name or "", "index": str(reading.index),
-                                           "live": str(b.reader.live).lower(),
+                                           "live": str(b.gpu.live).lower(),
                                            "error": reading.error or ""})
         yield info
         for field, help_text in (("total", "VRAM on the GPU."), ("used", "VRAM in use."),
@@ -65,67 +72,30 @@ class BrokerCollector:
             active.add_metric([name], c["active"])
         yield from (up, loaded, resident, active)
 
-        jobs = CounterMetricFamily("mgpumanager_jobs", "GPU jobs finished, by consumer and outcome.",
-                                   labels=["consumer", "outcome"])
-        for (name, outcome), n in sorted(stats["outcomes"].items()):
-            jobs.add_metric([name, outcome], n)
-        yield jobs
         for key, name, help_text in (
-                ("evictions_by_consumer", "mgpumanager_evictions", "Unloads the broker made, by victim."),
-                ("loads_by_consumer", "mgpumanager_loads", "Load calls the broker made, by consumer.")):
-            c = CounterMetricFamily(name, help_text, labels=["consumer"])
-            for consumer, n in sorted(stats[key].items()):
-                c.add_metric([consumer], n)
-            yield c
-        for key, name, help_text in (
-                ("rejected_by_code", "mgpumanager_rejected", "Jobs refused, by error code."),
-                ("client_errors_by_code", "mgpumanager_client_errors",
-                 "Requests refused for the client's own fault (bad, oversized or stalled "
-                 "bodies), by error code.")):
-            c = CounterMetricFamily(name, help_text, labels=["code"])
-            for code, n in sorted(stats[key].items()):
-                c.add_metric([code], n)
-            yield c
-        for key, name, help_text in (
-                ("abandoned", "mgpumanager_abandoned",
-                 "Queued jobs dropped because their client left."),
-                ("leases_expired", "mgpumanager_leases_expired",
-                 "GPU leases the watchdog released past their deadline."),
                 ("reordered", "mgpumanager_jobs_reordered",
                  "Jobs granted the GPU ahead of an older waiting job (policy affinity)."),
                 ("swaps_saved", "mgpumanager_swaps_saved",
                  "Reordered jobs that ran without an eviction the oldest job needed.")):
             c = CounterMetricFamily(name, help_text)
-            c.add_metric([], stats[key])
+            c.add_metric([], getattr(snap, key))
             yield c
 
         depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.")
-        depth.add_metric([], stats["queue_depth"])
+        depth.add_metric([], snap.queue_depth)
         yield depth
         flight = GaugeMetricFamily("mgpumanager_in_flight", "Jobs holding the GPU (0 or 1).")
-        flight.add_metric([], stats["in_flight"])
+        flight.add_metric([], 1 if snap.holder else 0)
         yield flight
         oldest = GaugeMetricFamily("mgpumanager_oldest_queued_seconds",
                                    "How long the oldest waiting job has waited.")
-        oldest.add_metric([], stats["oldest_queued_s"] or 0.0)
+        oldest.add_metric([], snap.oldest_queued_s or 0.0)
         yield oldest
-        for key, name, help_text in (("wait_seconds", "mgpumanager_job_wait_seconds",
-                                      "Time a job waited for the GPU."),
-                                     ("run_seconds", "mgpumanager_job_run_seconds",
-                                      "Time a job held the GPU.")):
-            h = HistogramMetricFamily(name, help_text)
-            snap = stats[key]
-            h.add_metric([], [(_le(bound), count) for bound, count in snap["buckets"]],
-                         sum_value=snap["sum"])
-            yield h
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 def metrics_registry(broker) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
+    """The broker's own counters, with the live gauges beside them."""
+    registry = broker.stats.registry
     registry.register(BrokerCollector(broker))
     return registry
 

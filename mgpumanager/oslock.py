@@ -17,9 +17,9 @@ import fcntl
 import os
 import stat
 import threading
-import time
 from typing import Callable
 
+from .clock import Clock
 from .errors import Abandoned, QueueTimeout
 
 DEFAULT_DIR = "/run/mgpumanager"
@@ -115,28 +115,29 @@ class OsLock:
     """An exclusive flock, taken with a deadline and a cancel check, by the
     one thread the in-process FIFO lets through at a time."""
 
-    def __init__(self, path: str, *, poll_s: float = 0.02,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str, *, poll_s: float = 0.02, clock: Clock | None = None):
         self.path = path
         self.poll_s = poll_s
-        self._clock = clock
+        self._clock = clock or Clock()
         self._fd, self._writable = open_lock_file(path)
         self._held = False
         self._held_since: float | None = None     # monotonic: when we took it
         self._mutex = threading.Lock()
 
-    def acquire(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> None:
-        """Wait for the lock; QueueTimeout after ``timeout`` s, Abandoned if cancelled."""
-        deadline = self._clock() + timeout
+    def acquire(self, deadline: float, cancelled: Callable[[], bool] | None = None) -> None:
+        """Wait for the lock until ``deadline`` (on its clock): QueueTimeout
+        then, Abandoned as soon as ``cancelled()``."""
+        started = self._clock.now()
         while not self.try_acquire():
-            if self._clock() >= deadline:
+            if self._clock.now() >= deadline:
                 raise QueueTimeout(
-                    f"waited {timeout:g} s for the GPU, which another process holds "
-                    f"({self.describe_holder()}; lock file {self.path})", retry_after=5)
+                    f"waited {self._clock.now() - started:.0f} s for the GPU, which another "
+                    f"process holds ({self.describe_holder()}; lock file {self.path})",
+                    retry_after=5)
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away while its job waited for another "
                                 "process's GPU job")
-            time.sleep(self.poll_s)
+            self._clock.sleep(self.poll_s)
 
     def try_acquire(self) -> bool:
         with self._mutex:

@@ -280,7 +280,7 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
         raise
     if client_sock is not None:
         job.lease.attach(client_sock)
-        b.watch.watch_client(job.lease, client_sock)
+        b.gpu.watch.watch_client(job.lease, client_sock)
     return forward(name, kind, target, body, job.lease, job)
 
 

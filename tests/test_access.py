@@ -157,9 +157,9 @@ def test_a_load_that_keeps_failing_cools_the_consumer_down_doubling_to_a_cap():
 def test_healthz_fails_when_a_lease_outlives_its_deadline():
     app, c = client(config())
     b = app.extensions["mgpumanager"]
-    b.watch._clock = lambda: 0.0           # a watchdog stuck in the past: it never steps in
+    b.gpu.watch._clock = lambda: 0.0           # a watchdog stuck in the past: it never steps in
     job = b.start_job("echo", "echo")
-    job.lease.deadline = time.monotonic() - b.watch.grace_s - 5
+    job.lease.deadline = time.monotonic() - b.gpu.watch.grace_s - 5
     r = c.get("/healthz")
     assert r.status_code == 503 and "past its deadline" in r.json["problems"][0]
     assert b.status()["broker"]["live"] is False

@@ -120,7 +120,7 @@ def test_vram_managed_consumers_are_never_unloaded_and_a_job_that_cannot_fit_is_
     assert time.monotonic() - t0 < 3         # at once, not after the 30 s queue deadline
     assert actions.calls == []               # no unload storm
     assert "ollama 6000 MiB (vram_managed)" in info.value.message
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
     assert b.status()["scheduler"]["rejected_by_code"] == {"insufficient_vram": 1}
 
 
@@ -135,7 +135,7 @@ def test_a_failed_unload_is_counted_and_the_next_candidate_tried():
     st = b.status()["consumers"]
     assert st["mvoice"]["unload_failures"] == 1 and st["mvoice"]["loaded"] is True
     assert st["whisper"]["loaded"] is False
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
 
 
 def ollama_says_it_is_loaded(b):
@@ -153,7 +153,7 @@ def test_with_nothing_left_to_evict_it_waits_for_what_frees_by_itself_then_refus
         b.start_job("mvoice", "tts")
     assert 0.25 <= time.monotonic() - t0 < 1.5           # queue_timeout_s 0.3
     assert "comfyui 12000 MiB" in info.value.message
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
     refused = [e for e in b.events.since(before) if e["type"] == "refused"]
     assert len(refused) == 1 and refused[0]["code"] == "insufficient_vram"
 
@@ -198,7 +198,7 @@ def test_explicit_unload_and_load_run_under_the_lock():
     # Its health says nothing of its state: the load stays unconfirmed.
     assert b.load("mvoice")["loaded"] is None
     assert actions.calls == [("unload", "mvoice"), ("load", "mvoice")]
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
 
 
 def test_a_load_a_probe_confirms_is_believed():
@@ -269,7 +269,7 @@ def test_a_client_leaving_while_its_job_waits_for_vram_frees_the_gpu():
     with pytest.raises(Abandoned):
         b.start_job("mvoice", "tts", cancelled=gone.is_set)
     assert time.monotonic() - t0 < 2.5        # not the 30 s queue deadline
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
     assert b.status()["scheduler"]["abandoned"] == 1
     assert b.status()["scheduler"]["rejected"] == 0
     assert [e["type"] for e in b.events.since()][-1] == "abandoned"

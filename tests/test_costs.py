@@ -64,35 +64,35 @@ def test_retry_after_prices_every_swap_of_an_alternating_queue():
         b.registry.record_run(name, 1.0, cold=False)
     ahead = [Waiting("mvoice"), Waiting("comfyui"), Waiting("mvoice"), Waiting("comfyui")]
     # the running job (1) + four runs (4) + four loads (40)
-    assert b._estimate_wait(ahead, 1.0) == 45
+    assert b.order.estimate_wait(ahead, 1.0) == 45
 
 
 def test_a_chosen_job_whose_client_leaves_is_not_counted_as_reordered():
     b, _ = make_broker({"scheduler": {"queue_timeout_s": 5, "evict_settle_s": 0}})
     set_loaded(b, mvoice=True, whisper=False, comfyui=False, ollama=True)
-    held = b.lock.acquire("holder", 1)
+    held = b.gpu.lock.acquire("holder", 1)
     gone = threading.Event()
     got = {}
 
     def oldest():        # comfyui needs mvoice evicted: it does not fit as things are
-        t = b.lock.acquire("comfyui:image", 5, consumer="comfyui", kind="image")
+        t = b.gpu.lock.acquire("comfyui:image", 5, consumer="comfyui", kind="image")
         got["oldest"] = t
-        b.lock.release(t)
+        b.gpu.lock.release(t)
 
     def younger():       # fits, so it is chosen first; its client is gone by then
         try:
-            b.lock.acquire("mvoice:tts", 5, consumer="mvoice", kind="tts",
+            b.gpu.lock.acquire("mvoice:tts", 5, consumer="mvoice", kind="tts",
                            cancelled=gone.is_set, poll_s=0.01)
         except Abandoned:
             got["younger"] = "abandoned"
     first = threading.Thread(target=oldest)
     first.start()
-    wait_depth(b.lock, 1)
+    wait_depth(b.gpu.lock, 1)
     second = threading.Thread(target=younger)
     second.start()
-    wait_depth(b.lock, 2)
+    wait_depth(b.gpu.lock, 2)
     gone.set()
-    b.lock.release(held)
+    b.gpu.lock.release(held)
     first.join(5)
     second.join(5)
     assert got["younger"] == "abandoned" and got["oldest"].bypassed == 0

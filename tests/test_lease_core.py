@@ -28,7 +28,7 @@ def lock():
 def lease_on(lock, deadline_in_s=60.0, label="job"):
     released = []
     ticket = lock.acquire(label, 1)
-    lease = Lease(label, ticket, time.monotonic() + deadline_in_s,
+    lease = Lease(label, ticket, time.monotonic(), time.monotonic() + deadline_in_s,
                   lambda le: (released.append(le), lock.release(le.ticket)))
     return lease, released
 
@@ -46,7 +46,7 @@ def test_release_hands_the_lock_on_once_from_any_number_of_threads(lock):
 
 
 def test_a_cut_shuts_every_attached_socket_and_one_attached_later():
-    lease = Lease("x", None, time.monotonic() + 60, lambda le: None)
+    lease = Lease("x", None, time.monotonic(), time.monotonic() + 60, lambda le: None)
     a, a_peer = socket.socketpair()
     b, b_peer = socket.socketpair()
     lease.attach(a)
@@ -127,7 +127,7 @@ CONFIG = {
 
 def test_a_job_whose_thread_never_finishes_is_released_counted_and_the_queue_moves():
     b = Broker(parse_config(CONFIG, "t.yaml"))
-    b.watch.grace_s = 0.2
+    b.gpu.watch.grace_s = 0.2
     job = b.start_job("mvoice", "tts")              # and never finished by its thread
     t0 = time.monotonic()
     second = b.start_job("mvoice", "tts")          # waits for the watchdog
@@ -142,7 +142,7 @@ def test_a_job_whose_thread_never_finishes_is_released_counted_and_the_queue_mov
     assert events[1]["ok"] is False
     job.finish(ok=True)                              # the stray thread returns at last: no-op
     second.finish(ok=True)
-    assert b.lock.snapshot().holder is None and b.status()["scheduler"]["total_jobs"] == 2
+    assert b.gpu.lock.snapshot().holder is None and b.status()["scheduler"]["total_jobs"] == 2
 
 
 @pytest.mark.parametrize("headers,expected", [

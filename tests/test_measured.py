@@ -3,11 +3,11 @@ a GPU that knows what each consumer really holds, frees what an unload
 frees (at once, or some readings later) and leaves a CUDA context behind.
 Each case was found by attacking the planner; each asserts the fix."""
 
-import time
 
 import pytest
 
 from mgpumanager.broker import Broker
+from mgpumanager.clock import FakeClock
 from mgpumanager.config import parse_config
 from mgpumanager.consumers import HealthResult
 from mgpumanager.errors import InsufficientVram
@@ -27,10 +27,11 @@ class World:
         self.pending: dict[str, float] = {}       # name -> when (monotonic) it frees
         self.free_after: dict[str, float] = {}    # name -> seconds from its unload
         self.context: dict[str, int] = {}
+        self.clock = FakeClock()                 # the broker's too: its waits take no time
 
     def tick(self):
         for name, at in list(self.pending.items()):
-            if time.monotonic() >= at:
+            if self.clock.now() >= at:
                 del self.pending[name]
                 self.held[name] = self.context.get(name, 0)
 
@@ -81,7 +82,7 @@ class WorldActions:
         if what == "unload":
             later = self.world.free_after.get(c.name, 0)
             if later:
-                self.world.pending[c.name] = time.monotonic() + later
+                self.world.pending[c.name] = self.world.clock.now() + later
             else:
                 self.world.held[c.name] = self.world.context.get(c.name, 0)
         return None
@@ -98,9 +99,9 @@ def broker(world, consumers, *, attribution=True, cushion=0, **scheduler):
         "consumers": {n: {"url": f"http://127.0.0.1:{i + 1}", "unload": {"path": "/u"}, **c}
                       for i, (n, c) in enumerate(consumers.items())}}, "t.yaml")
     b = Broker(config, reader=WorldReader(world, processes=attribution),
-               actions=WorldActions(world), sleep=lambda s: time.sleep(min(s, 0.01)))
+               actions=WorldActions(world), clock=world.clock)
     if attribution:
-        b.attribution = WorldAttribution(set(consumers))
+        b.room.attribute.attribution = WorldAttribution(set(consumers))
     return b
 
 
@@ -120,7 +121,7 @@ def test_a_model_smaller_than_the_configured_peak_is_loaded_and_can_be_unloaded(
     w.held = {"comfyui": 4000}
     b = broker(w, {"comfyui": {"paths": {"image": "/p"}, "vram_resident_mib": 20000},
                    "big": {"paths": {"llm": "/g"}, "vram_resident_mib": 17000}})
-    b.sampler.sample()
+    b.gpu.sampler.sample()
     assert b.registry.loaded("comfyui") is True
     assert run(b, w, "big", 17000)
     assert b.actions.calls == [("unload", "comfyui")]
@@ -130,7 +131,7 @@ def test_a_consumer_holding_part_of_its_size_runs_its_own_job():
     w = World(24000)
     w.held = {"comfyui": 4000}
     b = broker(w, {"comfyui": {"paths": {"image": "/p"}, "vram_resident_mib": 21000}})
-    b.sampler.sample()
+    b.gpu.sampler.sample()
     assert run(b, w, "comfyui", 21000)
 
 
@@ -144,7 +145,7 @@ def test_a_small_consumers_bare_context_is_not_a_loaded_model():
                    "comfyui": {"paths": {"image": "/p"}, "vram_resident_mib": 12000},
                    "big": {"paths": {"llm": "/g"}, "vram_resident_mib": 8000}},
                queue_timeout_s=5, evict_settle_s=1)
-    b.sampler.sample()
+    b.gpu.sampler.sample()
     assert b.registry.loaded("whisper") is False
     assert run(b, w, "big", 8000)
     assert b.actions.calls == [("unload", "comfyui")]
@@ -192,12 +193,12 @@ def test_a_victim_that_never_frees_ends_the_job_at_its_deadline_and_frees_the_lo
                    "big": {"paths": {"llm": "/g"}, "vram_resident_mib": 10000}},
                queue_timeout_s=1, evict_settle_s=0.2)
     b.registry.mark_loaded("comfyui", True)
-    t0 = time.monotonic()
+    t0 = w.clock.now()
     with pytest.raises(InsufficientVram):
         b.start_job("big", None)
-    assert 0.9 < time.monotonic() - t0 < 3
+    assert 1.0 <= w.clock.now() - t0 < 1.5          # the queue's deadline, not sooner or later
     assert b.actions.calls == [("unload", "comfyui")]
-    assert b.lock.snapshot().holder is None
+    assert b.gpu.lock.snapshot().holder is None
     w.pending.clear()
     w.held["comfyui"] = 0                            # it frees at last: the next job runs
     assert run(b, w, "big", 10000)

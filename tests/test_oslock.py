@@ -136,7 +136,7 @@ def test_healthz_says_so_when_another_process_holds_the_lock_file_past_the_queue
     holder = subprocess.Popen(["flock", path, "sleep", "30"])
     try:
         deadline = time.monotonic() + 5
-        while not broker.oslock.held_elsewhere():
+        while not broker.gpu.oslock.held_elsewhere():
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert broker.liveness() == []          # not yet past the queue timeout

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, assume, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from mgpumanager.broker import Broker
+from mgpumanager.clock import FakeClock
 from mgpumanager.config import parse_config
 from mgpumanager.consumers import HealthResult
 from mgpumanager.errors import InsufficientVram
@@ -42,22 +43,6 @@ SIZES = (500, 1000, 3000, 8000, 13000)
 NAMES = ("a", "b", "c", "d", "e")
 
 
-class FakeClock:
-    """Time moves only when the broker sleeps; a wait that never ends fails."""
-
-    def __init__(self):
-        self.now = 1000.0
-        self.sleeps = 0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps += 1
-        assert self.sleeps < 200_000, "the broker waited forever"
-        self.now += max(seconds, 0.001)
-
-
 class Truth:
     def __init__(self, clock: FakeClock, spec: dict):
         self.clock = clock
@@ -68,7 +53,7 @@ class Truth:
 
     def tick(self) -> None:
         for name, at in list(self.frees_at.items()):
-            if self.clock() >= at:
+            if self.clock.now() >= at:
                 del self.frees_at[name]
                 self.held[name] = 0
 
@@ -107,7 +92,7 @@ class TruthActions:
         self.unloads.append(c.name)
         late = self.truth.spec[c.name]["late_s"]
         if self.live and late and self.truth.held[c.name]:
-            self.truth.frees_at[c.name] = self.truth.clock() + late
+            self.truth.frees_at[c.name] = self.truth.clock.now() + late
         else:
             self.truth.held[c.name] = 0
         return None
@@ -167,7 +152,7 @@ class PlannerMachine(RuleBasedStateMachine):
             "routes": {f"k{n}": n for n in spec}, "consumers": consumers}, "model.yaml")
         self.actions = TruthActions(self.truth, self.live)
         self.broker = Broker(config, reader=TruthReader(self.truth) if self.live else None,
-                             actions=self.actions, clock=self.clock, sleep=self.clock.sleep)
+                             actions=self.actions, clock=self.clock)
         # The broker's first round of health probes, before its first job.
         for name in spec:
             self.broker.health.probe(name)
@@ -198,7 +183,7 @@ class PlannerMachine(RuleBasedStateMachine):
         beliefs = {n: self.broker.registry.loaded(n) for n in self.spec}
         possible = self.room_possible(target, beliefs)
         free_by_itself = self.may_free_by_itself()
-        t0, unloads_before = self.clock(), len(self.actions.unloads)
+        t0, unloads_before = self.clock.now(), len(self.actions.unloads)
         try:
             job = self.broker.start_job(target, f"k{target}")
         except InsufficientVram as e:
@@ -206,7 +191,7 @@ class PlannerMachine(RuleBasedStateMachine):
             assert len(unloads) == len(set(unloads)), f"unloaded twice for one job: {unloads}"
             assert not possible, f"refused {target} though unloads would make room: {e}"
             if not free_by_itself and not self.may_free_by_itself():
-                waited = self.clock() - t0
+                waited = self.clock.now() - t0
                 assert waited <= (len(unloads) + 1) * 2 * SETTLE_S, \
                     f"waited {waited:.1f} s for VRAM nothing could free: {e}"
             return
@@ -217,7 +202,7 @@ class PlannerMachine(RuleBasedStateMachine):
             f"over-commit: {target} ({self.spec[target]['size']}) beside {others} MiB "
             f"of {TOTAL}; truth {self.truth.held}, unloads {unloads}")
         if not free_by_itself:
-            waited = self.clock() - t0
+            waited = self.clock.now() - t0
             assert waited <= len(unloads) * 2 * SETTLE_S + 1, f"waited {waited:.1f} s"
         self.truth.held[target] = self.spec[target]["size"]
         self.truth.frees_at.pop(target, None)
@@ -239,12 +224,12 @@ class PlannerMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 5.0]))
     def time_passes(self, seconds):
-        self.clock.now += seconds
+        self.clock.advance(seconds)
 
     @invariant()
     def the_gpu_lock_is_free_between_jobs(self):
         if hasattr(self, "broker"):
-            assert self.broker.lock.snapshot().holder is None
+            assert self.broker.gpu.lock.snapshot().holder is None
 
 
 class LivePlannerMachine(PlannerMachine):
@@ -310,7 +295,7 @@ def in_process_broker(consumers: dict, truth_held: dict | None = None, *, live=F
                       for i, (n, c) in enumerate(consumers.items())}}, "t.yaml")
     actions = TruthActions(truth, live)
     broker = Broker(config, reader=TruthReader(truth) if live else None, actions=actions,
-                    clock=clock, sleep=clock.sleep)
+                    clock=clock)
     return broker, truth, clock
 
 
@@ -335,9 +320,9 @@ def test_a_fresh_broker_on_the_ledger_runs_its_first_tts_job_at_once(own_gpu_loc
     (or waited out its queue timeout)."""
     broker, truth, clock = in_process_broker(FIVE_SERVICES)
     try:
-        t0 = clock()
+        t0 = clock.now()
         broker.start_job("piper", "tts").finish(ok=True, status=200)
-        assert clock() - t0 < 1
+        assert clock.now() - t0 < 1
         # Those it can neither ask nor unload count as not loaded; the rest
         # are settled when room is needed, by unloading (cheap when they
         # hold nothing).
@@ -346,7 +331,7 @@ def test_a_fresh_broker_on_the_ledger_runs_its_first_tts_job_at_once(own_gpu_loc
         for consumer, kind in (("fw", "stt2"), ("whisper", "stt"), ("comfyui", "image"),
                                ("llm", "llm"), ("piper", "tts")):
             broker.start_job(consumer, kind).finish(ok=True, status=200)
-        assert clock() - t0 < 1
+        assert clock.now() - t0 < 1
         assert truth.used() <= TOTAL
     finally:
         broker.stop()
@@ -373,10 +358,10 @@ def test_two_that_fit_apart_and_cannot_be_unloaded_run_the_first_and_refuse_the_
         "mid": {"paths": {"llm": "/g"}, "vram_resident_mib": 8000}})
     try:
         broker.start_job("big", "image").finish(ok=True, status=200)
-        t0 = clock()
+        t0 = clock.now()
         with pytest.raises(InsufficientVram, match=r"big 10000 MiB"):
             broker.start_job("mid", "llm")
-        assert clock() - t0 < 1
+        assert clock.now() - t0 < 1
     finally:
         broker.stop()
 
@@ -395,9 +380,9 @@ def test_a_managed_consumer_the_reading_shows_gone_is_not_waited_for(own_gpu_loc
         truth.held["m"] = 0                        # expired by itself
         broker.start_job("x", "image").finish(ok=True, status=200)
         truth.held["x"] = 10000
-        t0 = clock()
+        t0 = clock.now()
         with pytest.raises(InsufficientVram):
             broker.start_job("y", "tts")
-        assert clock() - t0 < 10
+        assert clock.now() - t0 < 10
     finally:
         broker.stop()

@@ -185,7 +185,7 @@ def test_the_broker_shows_measured_vram_and_warns_above_the_configured_size(serv
                               "pids_from": {"port": port}},
                       "plain": {"url": "http://127.0.0.1:2", "vram_resident_mib": 100}}})
     b = Broker(cfg)
-    b.sampler.sample()
+    b.gpu.sampler.sample()
     st = b.status()
     svc = st["consumers"]["svc"]
     assert st["gpu"]["source"] == "nvml"
@@ -194,7 +194,7 @@ def test_the_broker_shows_measured_vram_and_warns_above_the_configured_size(serv
     assert st["consumers"]["plain"]["attribution"] is None
     assert [e["type"] for e in b.events.since()] == ["measured_above_config"]
     fake.processes = [(999999, 50)]             # it freed its memory
-    b.sampler.sample()
+    b.gpu.sampler.sample()
     assert b.status()["consumers"]["svc"]["loaded"] is False
 
 
@@ -214,11 +214,11 @@ def test_the_drivers_reserve_is_nobodys_memory(monkeypatch):
             "small": {"url": "http://127.0.0.1:2", "paths": {"tts": "/p"},
                       "vram_resident_mib": 3000, "unload": {"path": "/free"}}}})
     b = Broker(cfg)
-    reading = b.reader.read()
+    reading = b.gpu.reader.read()
     assert (reading.used_mib, reading.usable_mib) == (0, 24576 - 480)
     assert b.status()["gpu"]["reserved_mib"] == 480
     b.registry.mark_loaded("small", False)
-    plan = b.plan("big", b.registry.views(), reading)
+    plan = b.room.plan("big", b.registry.views(), reading)
     assert plan.fits and plan.victims == (), plan.reason
 
 

@@ -1,0 +1,324 @@
+"""Making room on the GPU for a job's consumer, always with the GPU's turn held.
+
+``RoomMaker.make_room`` plans against a fresh reading and the registry's
+beliefs (policy.py decides; this module acts), unloads one victim at a
+time, waits for its memory to show, and loads the target. ``Swaps`` makes
+the load and unload calls, each bounded by the lease, with their
+bookkeeping. ``MemoryAttribution`` gives each reading's per-process memory
+to the consumers it belongs to.
+
+Why it asks before it unloads: right after a start, or when beliefs leave
+no room, the beliefs may be stale (a service unloaded by itself, or was
+restarted); what the consumers say of themselves comes first, so that room
+is made by knowledge, not by unloading what may hold nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Callable
+
+from .clock import Clock
+from .config import Call, Config, ConsumerConfig
+from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor
+from .device import Gpu
+from .errors import Abandoned, InsufficientVram
+from .gpu import GpuReading
+from .lease import Lease
+from .policy import ConsumerView, context_allowance, plan_room
+from .procs import Attribution
+from .stats import Stats
+
+log = logging.getLogger("mgpumanager.room")
+
+# How long to wait for the memory of a victim that was only possibly
+# loaded: if it held nothing, nothing will show.
+UNSURE_SETTLE_S = 1.5
+
+
+def settleable(c: ConsumerConfig, live: bool) -> bool:
+    """Whether a consumer's unknown state can be settled: by unloading it,
+    or by asking (a list of its models, its processes on a live reading; a
+    health `loaded` is known only once it answers)."""
+    return c.unload is not None or c.loaded_from is not None or (c.pids_from is not None
+                                                                and live)
+
+
+class MemoryAttribution:
+    """Per-process VRAM from a reading, given to the consumers it belongs to."""
+
+    def __init__(self, config: Config, registry: ConsumerRegistry, stats: Stats):
+        sources = {n: c.pids_from for n, c in config.consumers.items() if c.pids_from}
+        self.attribution = Attribution(sources) if sources else None
+        self.registry = registry
+        self.stats = stats
+
+    def __call__(self, reading: GpuReading, taken_at: float) -> None:
+        if self.attribution is None or reading.processes is None:
+            return
+        for warning in self.registry.record_measured(self.attribution.measure(reading.processes),
+                                                     taken_at):
+            log.warning("%s", warning)
+            self.stats.events.add("measured_above_config", warning)
+
+
+class Swaps:
+    """Unload and load calls under a lease, and what they change."""
+
+    def __init__(self, config: Config, registry: ConsumerRegistry, health: HealthMonitor,
+                 actions: ConsumerActions, stats: Stats, clock: Clock):
+        self.config = config
+        self.registry = registry
+        self.health = health
+        self.actions = actions
+        self.stats = stats
+        self.clock = clock
+
+    def call(self, c: ConsumerConfig, call: Call, lease: Lease) -> str | None:
+        """An admin call under a lease ends by the lease's deadline: it must
+        not run on beside the next job once the watchdog has moved on."""
+        left = lease.deadline - self.clock.now()
+        if left <= 0 or lease.cut_reason is not None:
+            return f"{call.describe()}: not sent, the GPU lease has ended"
+        return self.actions.call(c, call, timeout_s=left)
+
+    def unload(self, victim: str, why: str, for_whom: str | None, lease: Lease) -> bool:
+        c = self.config.consumers[victim]
+        t0 = self.clock.now()
+        error = self.call(c, c.unload, lease)
+        if error:
+            self.registry.unload_failed(victim, error)
+            self.stats.events.add("unload_failed", f"unloading {victim} failed: {error}",
+                                  consumer=victim)
+            log.warning("unload of %s failed: %s", victim, error)
+            return False
+        self.registry.mark_loaded(victim, False, counted="eviction")
+        self.stats.evicted(victim, for_whom, why, (self.clock.now() - t0) * 1000)
+        return True
+
+    def load(self, target: str, deadline: float, lease: Lease) -> None:
+        c = self.config.consumers[target]
+        sched = self.config.scheduler
+        t0 = self.clock.now()
+        error = self.call(c, c.load, lease)
+        cooldown = self.registry.load_result(target, error, after=sched.load_failures_to_cooldown,
+                                             base_s=sched.load_cooldown_s,
+                                             max_s=sched.load_cooldown_max_s)
+        if cooldown:
+            message = (f"{target} failed to load {sched.load_failures_to_cooldown} or more times "
+                       f"in a row: refusing its jobs for {cooldown:g} s")
+            log.warning("%s", message)
+            self.stats.events.add("cooling_down", message, consumer=target, cooldown_s=cooldown)
+        if error:
+            # Not fatal: a consumer that did not preload cold-starts on the job.
+            self.stats.events.add("load_failed", f"loading {target} failed: {error}",
+                                  consumer=target)
+            log.warning("load of %s failed: %s", target, error)
+            return
+        until = min(self.clock.now() + sched.evict_settle_s, deadline)
+        probes = []
+
+        def confirmed() -> bool:
+            probes.append(self.health.probe(target))
+            # It says nothing of its state: the load stays unconfirmed, at once.
+            return probes[-1].ok and probes[-1].loaded is not False
+        self.clock.wait_until(confirmed, until, 0.1)    # at least one probe, however short
+        result = probes[-1]
+        sure = result.ok and result.loaded is True
+        if result.ok and result.loaded is not False:     # not timed out unconfirmed
+            self.registry.record_cost(target, "load", self.clock.now() - t0)
+        # A load no probe confirmed leaves it possibly loaded: counted as
+        # resident everywhere, but never believed over a reading.
+        self.registry.mark_loaded(target, True if sure else None, counted="load")
+        self.stats.loaded(target, (self.clock.now() - t0) * 1000)
+
+
+class RoomMaker:
+    def __init__(self, config: Config, registry: ConsumerRegistry, health: HealthMonitor,
+                 actions: ConsumerActions, gpu: Gpu, swaps: Swaps, stats: Stats,
+                 attribute: MemoryAttribution):
+        self.config = config
+        self.registry = registry
+        self.health = health
+        self.actions = actions
+        self.gpu = gpu
+        self.swaps = swaps
+        self.stats = stats
+        self.attribute = attribute
+        self.clock = gpu.clock
+        self._busy_checked = False            # with the turn held only
+        self._last_belief_problem = None      # with the turn held only
+
+    def make_room(self, target: str, lease: Lease, deadline: float,
+                  cancelled: Callable[[], bool] | None = None) -> list[str]:
+        """Unload what may not stay beside ``target`` until it fits, then load
+        it; the victims, in order. Raises InsufficientVram, Abandoned, or
+        LeaseCut (the lease was cut under it)."""
+        clock, sched, reader = self.clock, self.config.scheduler, self.gpu.reader
+        evicted: list[str] = []
+        # Unloaded (or tried) once for this job: never again. A consumer
+        # believed unloaded can be a candidate when memory is unexplained,
+        # and unloading it again frees no more the second time.
+        tried: set[str] = set()
+        # Unloaded, memory not yet shown: victim -> (free before, its size,
+        # until when to wait on, whether it was surely loaded). A service can
+        # free after evict_settle_s: unloading a second consumer beside one
+        # surely loaded would be needless, and with nothing more to unload,
+        # any of them is worth waiting for.
+        unshown: dict[str, tuple[int, int, float, bool]] = {}
+        attempts = 0
+        asked = False
+        # Waiting for VRAM ends with the queue's deadline or the lease's.
+        deadline = min(deadline, lease.deadline)
+        self.health.wait_first_round(self.config.health.timeout_s + 1.0)
+        if not self._busy_checked:
+            self._wait_until_idle(deadline)
+        while True:
+            lease.check()
+            # Every decision is checked against a fresh reading, also for a
+            # target believed resident: beliefs say who may be evicted, the
+            # reading says how much is free.
+            taken_at = clock.now()
+            reading = reader.read()
+            if reading.free_mib is None or reading.total_mib is None:
+                log.warning("no GPU reading (%s): running %s without a VRAM check",
+                            reading.error, target)
+                break
+            self.attribute(reading, taken_at)
+            for name, (before, size, until, _) in list(unshown.items()):
+                if reading.free_mib - before >= size // 2 or clock.now() >= until:
+                    del unshown[name]
+            views = self._with_waiting(self.registry.views())
+            self._check_beliefs(views, reading)
+            for name in tried:
+                views[name] = dataclasses.replace(views[name], can_unload=False)
+            plan = self.plan(target, views, reading)
+            if not asked and (plan.contradicted or not plan.fits):
+                asked = True
+                self.health.ask_all(self.config.health.timeout_s)
+                continue
+            if plan.contradicted:
+                message = (f"{target} was believed resident, but the reading "
+                           f"({reading.free_mib} MiB free of {reading.total_mib}, "
+                           f"{reading.source}) has no room for it: treating it as not resident")
+                log.warning("%s", message)
+                self.stats.events.add("belief_corrected", message, consumer=target)
+                self.registry.mark_loaded(target, None)
+            if plan.never_fits:
+                raise InsufficientVram(plan.reason + "; " + self.holders(reading),
+                                       need_mib=plan.need_mib, free_mib=reading.free_mib)
+            if plan.fits and not plan.victims:
+                break
+            if plan.fits and any(sure for *_, sure in unshown.values()) and clock.now() < deadline:
+                clock.sleep(0.1)            # a victim's memory may still come
+                continue
+            if plan.fits and attempts < sched.evict_attempts:
+                attempts += 1
+                victim = plan.victims[0]
+                tried.add(victim)
+                t0 = clock.now()
+                if not self.swaps.unload(victim, f"to make room for {target}: {plan.reason}",
+                                         target, lease):
+                    continue
+                evicted.append(victim)
+                sure = views[victim].loaded is True
+                if reader.live:
+                    # A victim only possibly loaded may have had nothing to
+                    # free: wait less for its memory to show.
+                    settle_s = sched.evict_settle_s if sure else min(sched.evict_settle_s,
+                                                                     UNSURE_SETTLE_S)
+                    if not self._settle(reading.free_mib, views[victim].resident_mib,
+                                        plan.need_mib, min(deadline, clock.now() + settle_s)):
+                        unshown[victim] = (reading.free_mib, views[victim].resident_mib,
+                                           clock.now() + sched.evict_settle_s, sure)
+                if sure:          # a real unload: its cost, settle included
+                    self.registry.record_cost(victim, "unload", clock.now() - t0)
+                continue
+            # Nothing more may be evicted. Wait for VRAM only where something
+            # may free it by itself (ollama expires its own models, another
+            # program exits, a victim frees late), until the deadline; a
+            # ledger that nothing will change refuses at once. A victim
+            # measured still holding its memory was asked to free it.
+            freeing = any((views[n].measured_mib or 0) > context_allowance(views[n].resident_mib)
+                          for n in tried)
+            if not (plan.may_free or unshown or freeing) or clock.now() >= deadline:
+                raise InsufficientVram(f"{plan.reason}; {self.holders(reading)}",
+                                       need_mib=plan.need_mib, free_mib=reading.free_mib)
+            if cancelled is not None and cancelled():
+                raise Abandoned("the client went away while its job waited for VRAM")
+            clock.sleep(min(1.0, max(0.0, deadline - clock.now())))
+        c = self.config.consumers[target]
+        if c.load is not None and self.registry.loaded(target) is not True:
+            lease.check()
+            self.swaps.load(target, deadline, lease)
+        return evicted
+
+    def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading):
+        """What making room for target takes, by this reading and these beliefs."""
+        return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
+                         cushion_mib=self.config.gpu.cushion_mib,
+                         coexist=self.config.may_coexist, live=self.gpu.live)
+
+    def _wait_until_idle(self, deadline: float) -> None:
+        """Before this broker's first job: a service may still work for the
+        one before it (a render ComfyUI began for the old worker of a
+        reload, or for a broker that was restarted), which held the GPU
+        until its busy probe said idle. Wait for every busy probe, once."""
+        self._busy_checked = True
+        for c in self.config.consumers.values():
+            if c.busy is None:
+                continue
+            if not self.actions.is_busy(c):
+                continue
+            self.clock.wait_until(lambda: not self.actions.is_busy(c), deadline,
+                                  self.config.scheduler.busy_poll_s)
+            self.stats.events.add("busy_at_start", f"waited for {c.name} to finish work it "
+                                  "began before this worker started", consumer=c.name)
+
+    def _with_waiting(self, views: dict[str, ConsumerView]) -> dict[str, ConsumerView]:
+        """The views with how many queued jobs each consumer has: of equally
+        few victims, one the queue needs next is spared."""
+        waiting = Counter(j.consumer for j in self.gpu.lock.snapshot().jobs)
+        return {n: dataclasses.replace(v, waiting=waiting[n]) if waiting[n] else v
+                for n, v in views.items()}
+
+    def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> bool:
+        """Poll the reading until the unload shows (drivers free memory late);
+        False if it did not by ``deadline``."""
+        def shown() -> bool:
+            r = self.gpu.reader.read()
+            return r.free_mib is not None and (r.free_mib >= need_mib
+                                               or r.free_mib - free_before >= freed_mib // 2)
+        return self.clock.wait_until(shown, deadline, 0.05)
+
+    def _check_beliefs(self, views: dict[str, ConsumerView], reading: GpuReading) -> None:
+        """Beliefs that cannot all be true are an event and a warning (once
+        per distinct state); the planner resolves them before the job runs."""
+        believed = sum(v.resident_mib for v in views.values() if v.loaded is True)
+        problem = None
+        if believed > reading.usable_mib:
+            problem = (f"the consumers believed loaded hold {believed} MiB, more than the "
+                       f"GPU's {reading.usable_mib} MiB")
+        elif self.gpu.live and reading.used_mib is not None and \
+                believed > reading.used_mib + self.config.gpu.cushion_mib:
+            problem = (f"the consumers believed loaded hold {believed} MiB, but the reading "
+                       f"shows only {reading.used_mib} MiB in use")
+        signature = (problem is not None,
+                     tuple(sorted(n for n, v in views.items() if v.loaded is True)))
+        if problem is None or signature == self._last_belief_problem:
+            self._last_belief_problem = signature if problem else None
+            return
+        self._last_belief_problem = signature
+        log.warning("beliefs contradicted: %s", problem)
+        self.stats.events.add("beliefs_contradicted", problem, believed_mib=believed,
+                              used_mib=reading.used_mib, total_mib=reading.total_mib)
+
+    def holders(self, reading: GpuReading) -> str:
+        held = [f"{v.name} {v.resident_mib} MiB"
+                + (" (vram_managed)" if v.vram_managed else "")
+                + ("" if v.loaded else " (maybe)")
+                for v in self.registry.views().values() if v.loaded is not False]
+        return (f"{reading.free_mib} MiB free of {reading.total_mib} ({reading.source}); "
+                f"held: {', '.join(held) or 'nothing the broker knows of'}")
