@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,37 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def background(fn, *args):
+    """Run ``fn`` on a thread; (thread, out), out["result"] or out["error"] when done."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn(*args)
+        except Exception as e:        # surfaced by the test's assertions
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def hold_gpu(broker):
+    """Start a GPU job that streams one line and then waits for echo.release."""
+    r = requests.post(broker.url + "/upstream/echo/hold", stream=True, timeout=30)
+    r.lines = r.iter_lines()      # kept: a dropped iterator closes the connection
+    assert next(r.lines) == b"first"
+    return r
+
+
+def queued_depth(broker) -> int:
+    return broker.status()["scheduler"]["queue_depth"]
+
+
+def wait_idle(cluster, timeout: float = 30) -> None:
+    """Until the simulated ComfyUI has no render running."""
+    wait_until(lambda: not cluster.comfyui.busy, timeout, "the last render")
 
 
 def read_until_closed(sock, enough=lambda data: False) -> bytes:

@@ -4,9 +4,8 @@ over-commit, bounded passing, priorities, measured costs."""
 import pytest
 import requests
 
-from conftest import sim_config, wait_until
+from conftest import background, hold_gpu, queued_depth, sim_config, wait_until
 from mgpumanager.sim import start_cluster
-from test_scheduling import background, hold_gpu, queued_depth
 
 PAYLOAD = {"tts": {"json": {"text": "hello"}}, "image": {"json": {"prompt": {"1": {}}}}}
 

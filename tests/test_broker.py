@@ -102,12 +102,24 @@ def test_least_recently_used_goes_first_and_no_more_than_needed():
 
 
 def test_coexisting_consumers_are_spared():
-    b, actions = make_broker()
-    set_loaded(b, comfyui=False, ollama=True, whisper=True, mvoice=False)
-    # mvoice may coexist with whisper: 20000 - 6000 - 2000 = 12000 >= 3000, and even if
-    # it did not fit, whisper would not be chosen.
+    b, actions = make_broker({"gpu": {"backend": "ledger", "total_mib": 22500, "cushion_mib": 0}})
+    set_loaded(b, ollama=True, whisper=True, comfyui=True, mvoice=False)
+    run(b, "whisper", "stt")            # used first: least recently used, were it a candidate
+    run(b, "comfyui", "image")
+    actions.calls.clear()
+    # 22500 - 6000 - 2000 - 12000 = 2500 free, 3000 needed: whisper alone would
+    # make room, but mvoice may stay beside it; comfyui may not.
     run(b, "mvoice", "tts")
-    assert ("unload", "whisper") not in actions.calls
+    assert actions.calls == [("unload", "comfyui"), ("load", "mvoice")]
+
+
+def test_a_coexisting_consumer_is_spared_even_when_that_leaves_no_room():
+    b, actions = make_broker({"gpu": {"backend": "ledger", "total_mib": 10500, "cushion_mib": 0}})
+    set_loaded(b, ollama=True, whisper=True, comfyui=False, mvoice=False)
+    # 10500 - 6000 (vram_managed) - 2000 = 2500 free, 3000 needed; whisper may stay.
+    with pytest.raises(InsufficientVram):
+        b.start_job("mvoice", "tts")
+    assert actions.calls == []
 
 
 def test_vram_managed_consumers_are_never_unloaded_and_a_job_that_cannot_fit_is_refused_at_once():

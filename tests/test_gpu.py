@@ -1,6 +1,7 @@
 """GPU readers without a GPU: nvidia-smi's output, the ledger, auto's fallback."""
 
 import stat
+import sys
 
 from mgpumanager.config import GpuConfig
 from mgpumanager.gpu import (GpuSampler, LedgerReader, NvidiaSmiReader, make_reader,
@@ -42,11 +43,12 @@ def test_a_failing_reading_is_an_error_not_an_exception(tmp_path):
     assert r.free_mib is None and "exited 15" in r.error and "GPU is lost" in r.error
 
 
-def test_auto_falls_back_to_the_ledger_and_says_why(tmp_path):
+def test_auto_falls_back_to_the_ledger_and_says_why(tmp_path, monkeypatch):
     held = [3000]
+    # No NVIDIA library, whatever this machine has: NVML cannot load, nvidia-smi is absent.
+    monkeypatch.setitem(sys.modules, "pynvml", None)
     reader = make_reader(GpuConfig(backend="auto", total_mib=24576,
                                    nvidia_smi=str(tmp_path / "absent")), lambda: held[0], 999)
-    # No NVIDIA driver on this machine: NVML cannot load, nvidia-smi is absent.
     assert reader.source == "ledger" and reader.live is False
     r = reader.read()
     assert (r.total_mib, r.used_mib, r.free_mib) == (24576, 3000, 21576)

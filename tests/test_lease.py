@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import raw_exchange, wait_until
+from conftest import hold_gpu, raw_exchange, wait_until
 
 FAST = {"scheduler": {"job_timeout_s": 10}, "proxy": {"client_timeout_s": 1}}
 
@@ -45,11 +45,6 @@ def read_answer(sock) -> tuple[int, dict]:
     return int(head[9:12]), json.loads(body)
 
 
-def hold_gpu(broker):
-    r = requests.post(broker.url + "/upstream/echo/hold", stream=True, timeout=30)
-    r.lines = r.iter_lines()
-    assert next(r.lines) == b"first"
-    return r
 
 
 # 1. A service answer gunicorn cannot send

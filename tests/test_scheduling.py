@@ -7,38 +7,10 @@ import time
 
 import requests
 
-from conftest import TIME_SCALE, wait_until
+from conftest import TIME_SCALE, background, hold_gpu, queued_depth, wait_until
 
 
-
-
-
-def queued_depth(broker) -> int:
-    return broker.status()["scheduler"]["queue_depth"]
-
-
-def hold_gpu(broker):
-    """Start a GPU job that streams one line and then waits for echo.release."""
-    r = requests.post(broker.url + "/upstream/echo/hold", stream=True, timeout=30)
-    r.lines = r.iter_lines()      # kept: a dropped iterator closes the connection
-    assert next(r.lines) == b"first"
-    return r
-
-
-def background(fn, *args):
-    out = {}
-
-    def run():
-        try:
-            out["result"] = fn(*args)
-        except Exception as e:        # surfaced by the test's assertions
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def test_mixed_jobs_never_overlap_and_start_in_arrival_order_under_fifo(broker_with, sim):
+def test_mixed_jobs_never_overlap_and_start_in_arrival_order_under_fifo(broker_with, sim, echo):
     broker = broker_with({"scheduler": {"policy": "fifo"}})
     sim.gpu.reset_counters()
     kinds = ["image", "tts", "llm", "stt", "tts", "image", "llm", "stt"]
@@ -46,11 +18,16 @@ def test_mixed_jobs_never_overlap_and_start_in_arrival_order_under_fifo(broker_w
                "stt": {"files": {"file": ("a.wav", b"RIFF" + b"\0" * 1000)}},
                "llm": {"json": {"prompt": "x", "options": {"num_predict": 3}}},
                "image": {"json": {"prompt": {"1": {}}}}}
+    # Arrival order is made certain, not hoped for: each job is queued
+    # behind a held GPU before the next is sent.
+    held = hold_gpu(broker)
     threads = []
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         threads.append(background(
             lambda k=kind: requests.post(broker.url + f"/v1/{k}", timeout=60, **payload[k])))
-        time.sleep(0.05)
+        wait_until(lambda: queued_depth(broker) == i + 1, what=f"job {i + 1} to queue")
+    echo.release.set()
+    assert list(held.lines) == [b"last"]
     for t, out in threads:
         t.join(60)
         assert out["result"].status_code == 200, out["result"].text
