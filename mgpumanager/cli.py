@@ -47,7 +47,8 @@ def cmd_serve(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(bind=args.bind, traffic=not args.no_traffic, duration_s=args.duration)
+    return run_demo(bind=args.bind, traffic=not args.no_traffic, duration_s=args.duration,
+                    any_ports=args.any_ports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the broker in front of simulated consumers, with traffic")
     d.add_argument("--bind", default="127.0.0.1:8770", help="broker address (default %(default)s)")
     d.add_argument("--no-traffic", action="store_true", help="serve only; send no demo jobs")
+    d.add_argument("--any-ports", action="store_true",
+                   help="put the simulated services on free ports, not the fixed ones")
     d.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
     d.set_defaults(func=cmd_demo)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
@@ -63,9 +67,31 @@ def _drive(base: str, stop: threading.Event) -> None:
             return
 
 
-def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
-             duration_s: float | None = None) -> int:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_on_free_ports(workdir: str) -> str:
+    """A copy of the demo's config with every simulated service on a port
+    the kernel says is free now (a busy machine may hold the fixed ones)."""
+    text = Path(DEMO_CONFIG).read_text()
     cfg = load_config(DEMO_CONFIG)
+    fixed = {urlsplit(c.url).port for c in cfg.consumers.values()}
+    fixed.add(urlsplit(cfg.gpu.sim_url).port)
+    for port in fixed:
+        text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+    path = os.path.join(workdir, "demo.yaml")
+    Path(path).write_text(text)
+    return path
+
+
+def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
+             duration_s: float | None = None, any_ports: bool = False) -> int:
+    workdir = tempfile.mkdtemp(prefix="mgpumanager-demo-")
+    config_path = config_on_free_ports(workdir) if any_ports else DEMO_CONFIG
+    cfg = load_config(config_path)
     ports = {name: urlsplit(c.url).port for name, c in cfg.consumers.items()}
     ports["gpu"] = urlsplit(cfg.gpu.sim_url).port
     try:
@@ -74,7 +100,7 @@ def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
         print(f"mgpumanager demo: cannot start the simulated consumers on ports "
               f"{sorted(ports.values())}: {e}", file=sys.stderr)
         return 1
-    env = dict(os.environ, **{CONFIG_ENV: DEMO_CONFIG})
+    env = dict(os.environ, **{CONFIG_ENV: config_path})
     env.setdefault("MALLOC_ARENA_MAX", "1")
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
                              "python:mgpumanager.gunicorn_conf", "--bind", bind], env=env)
@@ -109,3 +135,4 @@ def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
             except subprocess.TimeoutExpired:
                 proc.kill()
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -67,7 +67,7 @@ def test_serve_command_runs_gunicorn_on_the_given_config_and_address(sim, tmp_pa
 def test_the_demo_serves_and_drives_traffic_then_stops_cleanly():
     port = free_port()
     out = subprocess.run([sys.executable, "-m", "mgpumanager.cli", "demo", "--bind",
-                          f"127.0.0.1:{port}", "--duration", "8"],
+                          f"127.0.0.1:{port}", "--duration", "8", "--any-ports"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"the broker is at http://127.0.0.1:{port}/" in out.stdout
