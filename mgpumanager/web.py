@@ -1,9 +1,12 @@
 """The Flask layer: routes, error-to-JSON mapping, the proxied response.
 
-Kept thin: every decision is the broker's. What lives here is HTTP: turning
-the WSGI request into an upstream call and the upstream answer into a WSGI
-response whose ``close()`` ends the GPU job, whether the client read it all
-or went away.
+What lives here is HTTP: who may talk to the broker (Host, Origin, token),
+which path a request names (an escaped ``/upstream/`` prefix that leaves
+no single reading is refused here) and whether it is a GPU job (the
+consumer's config says; this module asks it), turning the WSGI request
+into an upstream call, and the upstream answer into a WSGI response whose
+``close()`` ends the GPU job, whether the client read it all or went away.
+Everything about the GPU (queue, room, release) is job.py's.
 """
 
 from __future__ import annotations
