@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mgpumanager"
 LAYERS = [
     {"errors", "clock", "logs", "lease", "policy", "schedule", "procs", "commands", "presets",
      "sim"},
-    {"config"},
+    {"config", "config_model", "config_reader", "yamlsafe"},
     {"gpu", "gpulock", "oslock", "client_body", "proxy", "stats"},
     {"consumers"},
     {"device", "order"},
