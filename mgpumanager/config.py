@@ -16,15 +16,14 @@ import os
 from types import MappingProxyType
 from typing import Any
 
-from .config_model import (CONFIG_ENV, DEFAULT_CONFIG, GPU_BACKENDS, KINDS_HINT, MIN_SPARE_THREADS,
-                           Config, ConsumerConfig, GpuConfig, HealthConfig, ProxyConfig,
-                           SchedulerConfig, ServerConfig)
+from .config_model import (CONFIG_ENV, DEFAULT_CONFIG, KINDS_HINT, MIN_SPARE_THREADS, Config,
+                           ConsumerConfig, GpuConfig, HealthConfig, ProxyConfig, SchedulerConfig,
+                           ServerConfig)
 # The rest of the package imports these from here.
 from .config_model import Call, ModelsFrom, route_forms  # noqa: F401
-from .config_reader import (_MISSING, MAX_QUEUE, NAME_RE, _read_consumer, _read_lock_file,
-                            _Reader, _read_strings, _read_token, key_path, listing)
+from .config_reader import (_MISSING, NAME_RE, _read_consumer, _read_lock_file, _Reader,
+                            _read_strings, _read_token, key_path, listing, read_settings)
 from .errors import ConfigError
-from .schedule import POLICIES
 from .yamlsafe import read_yaml
 
 
@@ -36,70 +35,35 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(path, r.problems)
 
-    s = r.section(top.get("server"), "server", ("bind", "workers", "threads", "log_format",
-                                                "allowed_hosts", "allowed_origins", "auth_token",
-                                                "auth_token_file", "max_streams"))
-    d = ServerConfig()
-    workers = r.integer(s, "workers", "server", d.workers, 1, maximum=64)
-    if workers != 1:
-        r.problem("server.workers", "1 (the GPU lock lives in one process; a second worker "
-                  "would run GPU jobs beside the first and over-commit VRAM)", workers)
-    server = ServerConfig(
-        bind=r.bind(s, "bind", "server", d.bind),
-        workers=1,
-        threads=r.integer(s, "threads", "server", None, 1, maximum=MAX_QUEUE + 1024),
-        max_streams=r.integer(s, "max_streams", "server", d.max_streams, 1, maximum=1024),
-        log_format=r.string(s, "log_format", "server", d.log_format, ("text", "json")),
+    def mapping(name: str) -> dict:
+        node = top.get(name)
+        return node if isinstance(node, dict) else {}
+
+    s = mapping("server")
+    server = read_settings(
+        r, top.get("server"), "server", ServerConfig, extra_keys=("auth_token_file",),
         allowed_hosts=_read_strings(r, s.get("allowed_hosts"), "server.allowed_hosts",
                                     "a list of host names or addresses ('*': any)"),
         allowed_origins=_read_strings(r, s.get("allowed_origins"), "server.allowed_origins",
                                       "a list of origins like 'http://dash.local:3000'"),
         auth_token=_read_token(r, s))
+    if server.workers != 1:
+        r.problem("server.workers", "1 (the GPU lock lives in one process; a second worker "
+                  "would run GPU jobs beside the first and over-commit VRAM)", server.workers)
+        server = dataclasses.replace(server, workers=1)
 
-    g = r.section(top.get("gpu"), "gpu", ("backend", "index", "total_mib", "cushion_mib",
-                                          "sample_interval_s", "sim_url", "nvidia_smi"))
-    d = GpuConfig()
-    gpu = GpuConfig(
-        backend=r.string(g, "backend", "gpu", d.backend, GPU_BACKENDS),
-        index=r.integer(g, "index", "gpu", d.index, 0, maximum=63),
-        total_mib=r.integer(g, "total_mib", "gpu", None, 1, "a whole number of MiB"),
-        cushion_mib=r.integer(g, "cushion_mib", "gpu", d.cushion_mib, 0, "a whole number of MiB"),
-        sample_interval_s=r.seconds(g, "sample_interval_s", "gpu", d.sample_interval_s),
-        sim_url=r.url(g, "sim_url", "gpu", required=False),
-        nvidia_smi=r.string(g, "nvidia_smi", "gpu", d.nvidia_smi))
+    gpu = read_settings(r, top.get("gpu"), "gpu", GpuConfig)
     if gpu.backend == "ledger" and gpu.total_mib is None:
         r.problem("gpu.total_mib", "a whole number of MiB (required for backend ledger: "
                   "there is no reading to take the total from)")
     if gpu.backend == "sim" and gpu.sim_url is None:
         r.problem("gpu.sim_url", "the simulated GPU's URL (required for backend sim)")
 
-    h = r.section(top.get("health"), "health", ("interval_s", "timeout_s"))
-    d = HealthConfig()
-    health = HealthConfig(interval_s=r.seconds(h, "interval_s", "health", d.interval_s),
-                          timeout_s=r.seconds(h, "timeout_s", "health", d.timeout_s))
+    health = read_settings(r, top.get("health"), "health", HealthConfig)
 
-    q = r.section(top.get("scheduler"), "scheduler", (
-        "max_queue", "queue_timeout_s", "evict_attempts", "evict_settle_s", "job_timeout_s",
-        "busy_poll_s", "lock_file", "load_failures_to_cooldown", "load_cooldown_s",
-        "load_cooldown_max_s", "policy", "max_bypass", "max_delay_s", "priority"))
-    d = SchedulerConfig()
-    scheduler = SchedulerConfig(
-        max_queue=r.integer(q, "max_queue", "scheduler", d.max_queue, 1, maximum=MAX_QUEUE),
-        queue_timeout_s=r.seconds(q, "queue_timeout_s", "scheduler", d.queue_timeout_s),
-        evict_attempts=r.integer(q, "evict_attempts", "scheduler", d.evict_attempts, 0,
-                                 maximum=100),
-        evict_settle_s=r.seconds(q, "evict_settle_s", "scheduler", d.evict_settle_s, positive=False),
-        job_timeout_s=r.seconds(q, "job_timeout_s", "scheduler", d.job_timeout_s),
-        busy_poll_s=r.seconds(q, "busy_poll_s", "scheduler", d.busy_poll_s),
-        lock_file=_read_lock_file(r, q),
-        load_failures_to_cooldown=r.integer(q, "load_failures_to_cooldown", "scheduler",
-                                            d.load_failures_to_cooldown, 1, maximum=1000),
-        load_cooldown_s=r.seconds(q, "load_cooldown_s", "scheduler", d.load_cooldown_s),
-        load_cooldown_max_s=r.seconds(q, "load_cooldown_max_s", "scheduler",
-                                      d.load_cooldown_max_s),
-        policy=r.string(q, "policy", "scheduler", d.policy, POLICIES),
-        max_bypass=r.integer(q, "max_bypass", "scheduler", d.max_bypass, 0, maximum=1000),
-        max_delay_s=r.seconds(q, "max_delay_s", "scheduler", d.max_delay_s, positive=False))
+    q = mapping("scheduler")
+    scheduler = read_settings(r, top.get("scheduler"), "scheduler", SchedulerConfig,
+                              extra_keys=("priority",), lock_file=_read_lock_file(r, q))
     if server.threads is not None and \
             server.threads < scheduler.max_queue + 1 + MIN_SPARE_THREADS:
         r.problem("server.threads", f"at least scheduler.max_queue + {1 + MIN_SPARE_THREADS} = "
@@ -107,16 +71,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                   f"thread; one runs the job and {MIN_SPARE_THREADS} must stay free for status, "
                   "health and audio), or leave it out to derive it", server.threads)
 
-    p = r.section(top.get("proxy"), "proxy", ("connect_timeout_s", "read_timeout_s",
-                                              "max_body_mib", "client_timeout_s", "cut_hold_s"))
-    d = ProxyConfig()
-    proxy = ProxyConfig(
-        connect_timeout_s=r.seconds(p, "connect_timeout_s", "proxy", d.connect_timeout_s),
-        read_timeout_s=r.seconds(p, "read_timeout_s", "proxy", d.read_timeout_s),
-        max_body_mib=r.integer(p, "max_body_mib", "proxy", d.max_body_mib, 1,
-                               "a whole number of MiB"),
-        client_timeout_s=r.seconds(p, "client_timeout_s", "proxy", d.client_timeout_s),
-        cut_hold_s=r.seconds(p, "cut_hold_s", "proxy", d.cut_hold_s, positive=False))
+    proxy = read_settings(r, top.get("proxy"), "proxy", ProxyConfig)
 
     raw_consumers = top.get("consumers")
     consumers: dict[str, ConsumerConfig] = {}

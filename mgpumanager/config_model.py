@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from urllib.parse import unquote
 
 from .procs import PidsFrom
+from .schedule import POLICIES
 
 DEFAULT_CONFIG = "etc/consumers.yaml"
 CONFIG_ENV = "MGPUMANAGER_CONFIG"
@@ -24,17 +25,34 @@ MIN_SPARE_THREADS = 4
 DEFAULT_GPU_ROUTES = ("POST *", "PUT *", "PATCH *")
 
 
+def setting(default: Any, kind: str, **how: Any) -> Any:
+    """A config field, declared once: its default, and how a value is read
+    and checked (``kind`` names a reader of config_reader's ``_Reader``:
+    integer, seconds, string, bind, url; ``how`` its bounds). A key left out
+    or given as null takes the default; a required one says so."""
+    return field(default=default, metadata={"setting": (kind, how)})
+
+
+# Sane bounds: a week for any duration, thousands for a queue, a TiB of VRAM.
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_QUEUE = 4096
+MAX_MIB = 1024 * 1024
+MIB = "a whole number of MiB"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: str = "127.0.0.1:8770"
-    workers: int = 1
-    threads: int | None = None          # None: derived from scheduler.max_queue
-    log_format: str = "text"            # text | json
+    bind: str = setting("127.0.0.1:8770", "bind")
+    # The GPU lock lives in one process: config.py refuses any other number.
+    workers: int = setting(1, "integer", minimum=1, maximum=64)
+    # None: derived from scheduler.max_queue
+    threads: int | None = setting(None, "integer", minimum=1, maximum=MAX_QUEUE + 1024)
+    log_format: str = setting("text", "string", choices=("text", "json"))
     allowed_hosts: tuple[str, ...] = ()     # Host headers accepted besides the bound one, localhost
     allowed_origins: tuple[str, ...] = ()   # browser origins that may change state
     auth_token: str | None = None           # every route but /healthz needs it, when set
-
-    max_streams: int = 16                   # non-GPU passthrough requests at once
+    # non-GPU passthrough requests at once
+    max_streams: int = setting(16, "integer", minimum=1, maximum=1024)
 
     def thread_count(self, max_queue: int) -> int:
         """Every queued job holds a thread, so do non-GPU streams (an ollama
@@ -53,49 +71,52 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class GpuConfig:
-    backend: str = "auto"
-    index: int = 0
-    total_mib: int | None = None
-    cushion_mib: int = 256
-    sample_interval_s: float = 2.0
-    sim_url: str | None = None          # backend sim: the simulated GPU's URL
-    nvidia_smi: str = "nvidia-smi"
+    backend: str = setting("auto", "string", choices=GPU_BACKENDS)
+    index: int = setting(0, "integer", minimum=0, maximum=63)
+    total_mib: int | None = setting(None, "integer", minimum=1, what=MIB)
+    cushion_mib: int = setting(256, "integer", minimum=0, what=MIB)
+    sample_interval_s: float = setting(2.0, "seconds")
+    sim_url: str | None = setting(None, "url", required=False)   # backend sim: its GPU's URL
+    nvidia_smi: str = setting("nvidia-smi", "string")
 
 
 @dataclass(frozen=True)
 class HealthConfig:
-    interval_s: float = 5.0
-    timeout_s: float = 2.0
+    interval_s: float = setting(5.0, "seconds")
+    timeout_s: float = setting(2.0, "seconds")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_queue: int = 32
-    queue_timeout_s: float = 300.0
-    evict_attempts: int = 5
-    evict_settle_s: float = 10.0
-    job_timeout_s: float = 1800.0
-    busy_poll_s: float = 0.25
+    max_queue: int = setting(32, "integer", minimum=1, maximum=MAX_QUEUE)
+    queue_timeout_s: float = setting(300.0, "seconds")
+    evict_attempts: int = setting(5, "integer", minimum=0, maximum=100)
+    evict_settle_s: float = setting(10.0, "seconds", positive=False)
+    job_timeout_s: float = setting(1800.0, "seconds")
+    busy_poll_s: float = setting(0.25, "seconds")
     lock_file: str | None = None        # None: /run/mgpumanager/gpu.lock or the user's runtime dir
-    load_failures_to_cooldown: int = 3  # consecutive failed loads before a consumer cools down
-    load_cooldown_s: float = 30.0       # the first cooldown; it doubles on each further failure
-    load_cooldown_max_s: float = 600.0
-    policy: str = "affinity"            # fifo | affinity (schedule.py)
-    max_bypass: int = 4                 # affinity: no job is passed more often
-    max_delay_s: float = 120.0          # affinity: nor waits longer beyond its FIFO turn
+    # consecutive failed loads before a consumer cools down
+    load_failures_to_cooldown: int = setting(3, "integer", minimum=1, maximum=1000)
+    # the first cooldown; it doubles on each further failure
+    load_cooldown_s: float = setting(30.0, "seconds")
+    load_cooldown_max_s: float = setting(600.0, "seconds")
+    policy: str = setting("affinity", "string", choices=POLICIES)     # schedule.py
+    max_bypass: int = setting(4, "integer", minimum=0, maximum=1000)  # affinity: no job passed more
+    max_delay_s: float = setting(120.0, "seconds", positive=False)   # nor waits longer past its turn
     # kind -> priority (higher first, within the bounds above); unnamed kinds 0
     priority: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    connect_timeout_s: float = 3.0
-    read_timeout_s: float = 300.0
-    max_body_mib: int = 1024            # a GPU job's body above this: 413
-    client_timeout_s: float = 60.0      # a client silent this long, sending or reading, is cut
+    connect_timeout_s: float = setting(3.0, "seconds")
+    read_timeout_s: float = setting(300.0, "seconds")
+    max_body_mib: int = setting(1024, "integer", minimum=1, what=MIB)   # a GPU job's body above: 413
+    # a client silent this long, sending or reading, is cut
+    client_timeout_s: float = setting(60.0, "seconds")
     # After a GPU job's answer is cut short, the GPU stays held until the
     # service has let go of the connection, at most this long.
-    cut_hold_s: float = 2.0
+    cut_hold_s: float = setting(2.0, "seconds", positive=False)
 
     @property
     def max_body_bytes(self) -> int:
@@ -109,12 +130,12 @@ class ModelsFrom:
     under ``vram_bytes``, where the service says); with ``where``, only the
     models whose value at that dotted key is ``equals`` (llama-server's
     router lists every model it knows, running or not)."""
-    path: str
-    list: str = "models"
-    name: str = "name"
-    vram_bytes: str | None = None
-    where: str | None = None
-    equals: str | None = None
+    path: str = setting(None, "upstream_path", required=True)
+    list: str = setting("models", "string")
+    name: str = setting("name", "string")
+    vram_bytes: str | None = setting(None, "string")
+    where: str | None = setting(None, "string")
+    equals: str | None = setting(None, "string")
 
     def listed(self, model: Any) -> bool:
         return self.where is None or str(dotted(model, self.where)) == self.equals

@@ -7,6 +7,7 @@ section each. config.py's ``parse_config`` puts them together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -15,8 +16,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config_model import (DEFAULT_GPU_ROUTES, HTTP_METHODS, BusyProbe, Call, ConsumerConfig,
-                           FreeVram, GpuRoute, ModelsFrom, _normal_path)
+from .config_model import (DEFAULT_GPU_ROUTES, HTTP_METHODS, MAX_MIB, MAX_SECONDS,
+                           BusyProbe, Call, ConsumerConfig, FreeVram, GpuRoute, ModelsFrom,
+                           _normal_path)
 from .presets import TYPES, with_preset
 from .procs import PidsFrom
 
@@ -24,9 +26,6 @@ _MISSING = object()
 
 
 # Sane bounds: a week for any duration, thousands for a queue, a TiB of VRAM.
-MAX_SECONDS = 7 * 24 * 3600.0
-MAX_QUEUE = 4096
-MAX_MIB = 1024 * 1024
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 _SHORT = reprlib.Repr()
@@ -52,9 +51,11 @@ def key_path(path: str, key: Any) -> str:
 
 class _Reader:
     """Walks the YAML tree, collecting problems instead of stopping at the
-    first. Each value is checked for its type and bounds; where a key is
-    given as null, an optional setting takes its default and a required
-    one is a problem."""
+    first. Each value is checked for its type and bounds.
+
+    The null rule, everywhere: a key given as null is a key left out. An
+    optional setting takes its default; a required one is a problem that
+    says it is required."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -175,6 +176,27 @@ class _Reader:
         return value
 
 
+def read_settings(r: _Reader, node: Any, path: str, cls: type, *, extra_keys: tuple = (),
+                  **given: Any) -> Any:
+    """One section of ``cls``: each field declared with ``setting()`` read
+    by its kind, bounds and default; the rest from ``given`` (read by their
+    own readers) or their defaults. Unknown keys are problems."""
+    fields = dataclasses.fields(cls)
+    node = r.section(node, path, tuple(f.name for f in fields
+                                       if "setting" in f.metadata or f.name in given)
+                     + extra_keys)
+    values = dict(given)
+    for f in fields:
+        if "setting" not in f.metadata or f.name in given:
+            continue
+        kind, how = f.metadata["setting"]
+        if kind == "url":
+            values[f.name] = r.url(node, f.name, path, **how)
+        else:
+            values[f.name] = getattr(r, kind)(node, f.name, path, f.default, **how)
+    return cls(**values)
+
+
 def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | None:
     if node is None:
         return None
@@ -184,7 +206,7 @@ def _read_call(r: _Reader, node: Any, path: str, default_method: str) -> Call | 
     node = r.section(node, path, ("method", "path", "json", "timeout_s", "command", "for_each",
                                   "until_empty", "until_freed"))
     method = r.string(node, "method", path, default_method, HTTP_METHODS)
-    timeout = r.seconds(node, "timeout_s", path, 60.0)
+    timeout = r.seconds(node, "timeout_s", path, Call.timeout_s)
     command = node.get("command")
     if command is not None:
         if node.get("path") is not None or node.get("for_each") is not None:
@@ -221,17 +243,11 @@ def _read_models_from(r: _Reader, node: Any, path: str) -> ModelsFrom | None:
     if not isinstance(node, dict):
         r.problem(path, "a mapping like {path: /api/ps, list: models, name: name}", node)
         return None
-    node = r.section(node, path, ("path", "list", "name", "vram_bytes", "where", "equals"))
-    upath = r.upstream_path(node, "path", path, None, required=True)
-    found = ModelsFrom(path=upath or "/", list=r.string(node, "list", path, "models"),
-                       name=r.string(node, "name", path, "name"),
-                       vram_bytes=r.string(node, "vram_bytes", path, None),
-                       where=r.string(node, "where", path, None),
-                       equals=r.string(node, "equals", path, None))
+    found = read_settings(r, node, path, ModelsFrom)
     if (found.where is None) != (found.equals is None):
         r.problem(f"{path}.where", "where and equals together (a dotted key and the value "
                   "a loaded model has there)", node.get("where"))
-    return found if upath else None
+    return found if found.path else None
 
 
 def _read_busy(r: _Reader, node: Any, path: str) -> BusyProbe | None:
@@ -241,7 +257,8 @@ def _read_busy(r: _Reader, node: Any, path: str) -> BusyProbe | None:
         r.problem(path, "a mapping like {path: /queue, keys: [queue_running]}", node)
         return None
     node = r.section(node, path, ("path", "keys"))
-    keys = node.get("keys", [])
+    keys = node.get("keys")
+    keys = [] if keys is None else keys     # null: left out
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
         r.problem(f"{path}.keys", "a list of JSON keys whose lists must be empty", keys)
         keys = []
@@ -361,7 +378,8 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
     if node.get("vram_resident_mib") is None:           # absent, or `null`
         r.problem(f"{path}.vram_resident_mib", f"a whole number of MiB from 0 to {MAX_MIB} "
                   "(required)")
-    coexist = node.get("can_coexist_with", [])
+    coexist = node.get("can_coexist_with")
+    coexist = [] if coexist is None else coexist      # null: left out
     if not isinstance(coexist, list) or not all(isinstance(c, str) for c in coexist):
         r.problem(f"{path}.can_coexist_with", "a list of consumer names", coexist)
         coexist = []

@@ -163,3 +163,33 @@ def test_a_null_required_key_is_a_problem_not_a_silently_dropped_consumer():
     assert problems_of(data) == [
         "consumers.mvoice.vram_resident_mib: a whole number of MiB from 0 to 1048576 "
         "(required)"]
+
+
+def test_a_null_key_is_a_key_left_out_in_every_section():
+    """The null rule, for every field declared with setting() and the lists
+    that used to refuse a null: the config equals the one without the keys."""
+    import dataclasses
+
+    from mgpumanager.config_model import (GpuConfig, HealthConfig, ProxyConfig, SchedulerConfig,
+                                          ServerConfig)
+    base = {"gpu": {"backend": "ledger", "total_mib": 1000}, "routes": {"tts": "a"},
+            "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"tts": "/t"},
+                                "vram_resident_mib": 10, "busy": {"path": "/q"}}}}
+    nulls = {"gpu": {"backend": "ledger", "total_mib": 1000}, "routes": {"tts": "a"},
+             "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"tts": "/t"},
+                                 "vram_resident_mib": 10, "can_coexist_with": None,
+                                 "busy": {"path": "/q", "keys": None}}}}
+    for section, cls in (("server", ServerConfig), ("health", HealthConfig),
+                         ("scheduler", SchedulerConfig), ("proxy", ProxyConfig),
+                         ("gpu", GpuConfig)):
+        declared = [f.name for f in dataclasses.fields(cls) if "setting" in f.metadata]
+        assert declared, cls
+        nulls.setdefault(section, {}).update({k: None for k in declared
+                                              if k not in nulls.get(section, {})})
+    nulls["gpu"].update(backend="ledger", total_mib=1000)
+    without, with_nulls = parse_config(base, "t.yaml"), parse_config(nulls, "t.yaml")
+    assert with_nulls.server == without.server and with_nulls.scheduler == without.scheduler
+    assert with_nulls.proxy == without.proxy and with_nulls.health == without.health
+    assert with_nulls.gpu == without.gpu
+    assert with_nulls.consumers["a"] == without.consumers["a"]
+    assert without.scheduler.queue_timeout_s == SchedulerConfig().queue_timeout_s
