@@ -14,16 +14,16 @@ LAYERS = [
      "sim"},
     {"config", "config_model", "config_reader", "yamlsafe"},
     {"gpu", "gpulock", "oslock", "client_body", "proxy", "stats"},
-    {"consumers"},
+    {"admin", "consumers"},
     {"device", "order"},
     {"room"},
     {"job", "status"},
     {"broker"},
     # The outside: HTTP, the server process, the command line.
-    {"metrics", "web", "app", "worker", "gunicorn_conf", "cli", "demo"},
+    {"metrics", "access", "web", "app", "worker", "gunicorn_conf", "cli", "demo"},
 ]
 WEB_FRAMEWORKS = {"flask", "werkzeug", "gunicorn"}
-MAY_USE_WEB_FRAMEWORKS = {"web", "app", "worker", "gunicorn_conf", "cli"}
+MAY_USE_WEB_FRAMEWORKS = {"access", "web", "app", "worker", "gunicorn_conf", "cli"}
 
 
 def layer_of(module: str) -> int:
