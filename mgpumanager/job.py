@@ -149,6 +149,7 @@ class Jobs:
         run_s = self.clock.now() - job.started
         ran_ok = ok and reached is True
         self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
+        self.stats.job_counted(job.consumer, ok, run_s)
         busy = self.config.consumers[job.consumer].busy
         if busy is not None and hold_busy and reached is not False:
             # The consumer may still be working on the GPU (ComfyUI renders
@@ -166,7 +167,7 @@ class Jobs:
                   "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted}
         if error:
             fields["error"] = error
-        self.stats.job_done(fields, run_s)
+        self.stats.job_done(fields)
 
     def _release(self, job: Job, ran_ok: bool) -> None:
         if not job.lease.release():

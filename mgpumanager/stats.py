@@ -105,11 +105,15 @@ class Stats:
         self.last_wait_ms = wait_s * 1000
         self.wait_seconds.observe(wait_s)
 
-    def job_done(self, fields: dict, run_s: float) -> None:
-        """One finished job: counted, an event, one log line."""
-        self.jobs.labels(fields["consumer"], "ok" if fields["ok"] else "error").inc()
+    def job_counted(self, consumer: str, ok: bool, run_s: float) -> None:
+        """One finished job, counted before its turn is given back: whoever
+        asks /v1/status after the next job starts sees this one counted."""
+        self.jobs.labels(consumer, "ok" if ok else "error").inc()
         self.last_run_ms = run_s * 1000
         self.run_seconds.observe(run_s)
+
+    def job_done(self, fields: dict) -> None:
+        """One finished job's event and log line, written after the release."""
         self.events.add("job", f"{fields['consumer']} {fields['kind'] or 'upstream'} job "
                         f"{'finished' if fields['ok'] else 'failed'} ({fields['status']}) after "
                         f"{fields['run_ms']:.0f} ms, waited {fields['wait_ms']:.0f} ms", **fields)

@@ -340,3 +340,19 @@ def test_asking_every_consumer_is_bounded_in_all_by_the_health_timeout():
         with pytest.raises(InsufficientVram):
             b.start_job("mvoice", "tts")
         assert time.monotonic() - t0 < 1.5
+
+
+def test_a_job_is_counted_before_its_turn_is_given_back():
+    """Whoever asks /v1/status once the next job can start sees this one counted."""
+    b, _ = make_broker()
+    set_loaded(b, mvoice=True)
+    counted_at_release = []
+    release = b.gpu.lock.release
+
+    def observed(ticket):
+        counted_at_release.append(b.status()["scheduler"]["total_jobs"])
+        release(ticket)
+    b.gpu.lock.release = observed
+    run(b, "mvoice", "tts")
+    run(b, "mvoice", "tts")
+    assert counted_at_release == [1, 2]
