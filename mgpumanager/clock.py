@@ -46,7 +46,11 @@ class FakeClock(Clock):
     """Time moves only when the core sleeps; a wait that never ends fails.
 
     Wall time moves with it, from a fixed start, so that anything shown is
-    reproducible too.
+    reproducible too. For one thread's waits (room making, a load's
+    settle, the OS lock): the threads that block in the kernel on a
+    timeout (the lease watchdog's epoll, the GPU queue's condition, the
+    health probes) still wait real time, so a test that needs the watchdog
+    to act uses the real clock with short bounds.
     """
 
     def __init__(self, start: float = 1000.0, *, max_sleeps: int = 200_000):

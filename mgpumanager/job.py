@@ -45,6 +45,8 @@ class Job:
         self.started = lease.granted_at
         self.evicted: list[str] = []
         self.was_loaded: bool | None = None  # its consumer's state as the job began
+        self.ran_ok = False                  # it reached the consumer and was read whole
+        self.run_recorded = False
         self._finished = False
         self._finish_lock = threading.Lock()
 
@@ -86,25 +88,34 @@ class Jobs:
     # -- start -------------------------------------------------------------------
 
     def start(self, consumer: str, kind: str | None = None, *,
-              cancelled: Callable[[], bool] | None = None, label: str | None = None) -> Job:
+              cancelled: Callable[[], bool] | None = None) -> Job:
         """Wait for the GPU (in the queue's order, by one deadline), make room
         for ``consumer``, and return the running Job, whose lease holds the
         GPU. Raises a BrokerError, with nothing held, if refused."""
-        label = label or f"{consumer}:{kind or 'upstream'}"
+        job = self._room_for(consumer, kind, f"{consumer}:{kind or 'upstream'}", cancelled)
+        job.started = self.clock.now()
+        job.was_loaded = self.registry.loaded(consumer)
+        self.registry.job_started(consumer)
+        self.stats.job_started(job.wait_s)
+        return job
+
+    def _room_for(self, consumer: str, kind: str | None, label: str,
+                  cancelled: Callable[[], bool] | None) -> Job:
+        """Health, the turn, room made: a Job holding the GPU (not yet counted as begun)."""
         deadline = self.clock.now() + self.config.scheduler.queue_timeout_s
         try:
             self.check_healthy(consumer, kind)
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away before its job queued")
+            priority = self.order.priority(consumer, kind)
             lease = self.gpu.take_turn(label, deadline, consumer=consumer, kind=kind,
-                                       priority=self.order.priority(consumer, kind),
-                                       needs_room=True, cancelled=cancelled)
+                                       priority=priority, needs_room=True, cancelled=cancelled)
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
         job = Job(self, lease, consumer, kind)
         try:
-            job.evicted = self.room.make_room(consumer, lease, deadline, cancelled)
+            self.room.make_room(consumer, lease, deadline, cancelled, evicted=job.evicted)
         except BaseException as e:
             lease.release()
             if isinstance(e, LeaseCut):
@@ -114,10 +125,6 @@ class Jobs:
             if isinstance(e, BrokerError):
                 self._refused(e, consumer, kind)
             raise
-        job.started = self.clock.now()
-        job.was_loaded = self.registry.loaded(consumer)
-        self.registry.job_started(consumer)
-        self.stats.job_started(job.wait_s)
         return job
 
     def check_healthy(self, name: str, kind: str | None = None) -> None:
@@ -147,7 +154,7 @@ class Jobs:
     def finish(self, job: Job, *, ok: bool, reached: bool | None, status: int | None,
                bytes_in: int, bytes_out: int, error: str | None, hold_busy: bool) -> None:
         run_s = self.clock.now() - job.started
-        ran_ok = ok and reached is True
+        job.ran_ok = ran_ok = ok and reached is True
         self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
         self.stats.job_counted(job.consumer, ok, run_s)
         busy = self.config.consumers[job.consumer].busy
@@ -170,12 +177,19 @@ class Jobs:
         self.stats.job_done(fields)
 
     def _release(self, job: Job, ran_ok: bool) -> None:
-        if not job.lease.release():
-            return                        # the watchdog got there first
+        released_at = self.clock.now()    # before the hand-off: it is the next job's time
+        if job.lease.release():
+            self._record_run(job, ran_ok, released_at)
+
+    def _record_run(self, job: Job, ran_ok: bool, released_at: float) -> None:
+        with job._finish_lock:            # once, by whichever release came first
+            if job.run_recorded:
+                return
+            job.run_recorded = True
         if ran_ok and job.was_loaded is not None:
             # Its hold, busy time included, is what the next job waits for;
             # from an unknown state, it is neither a warm run nor a load.
-            self.registry.record_run(job.consumer, self.clock.now() - job.started,
+            self.registry.record_run(job.consumer, released_at - job.started,
                                      cold=job.was_loaded is False)
 
     def _release_when_idle(self, job: Job, ran_ok: bool) -> None:
@@ -184,7 +198,7 @@ class Jobs:
         try:
             idle = self.clock.wait_until(lambda: lease.released or not self.actions.is_busy(c),
                                          lease.deadline, self.config.scheduler.busy_poll_s)
-            if not idle:
+            if lease.expired or not idle:
                 self.stats.events.add("job_timeout", f"{c.name} was still busy after "
                                       "job_timeout_s; releasing the GPU", consumer=c.name)
         except Exception:
@@ -203,16 +217,19 @@ class Jobs:
                    f"scheduler.job_timeout_s; the watchdog released it")
         log.warning("%s", message)
         self.stats.events.add("lease_expired", message, label=lease.label)
-        if lease.job is not None:
-            lease.job.finish(ok=False, reached=None, error="released by the watchdog after "
-                             "scheduler.job_timeout_s", hold_busy=False)
+        job = lease.job
+        if job is not None:
+            job.finish(ok=False, reached=None, error="released by the watchdog after "
+                       "scheduler.job_timeout_s", hold_busy=False)
+            # A busy hold the watchdog ends: the run it had was whole.
+            self._record_run(job, job.ran_ok, self.clock.now())
 
     # -- explicit load and unload, and the idle unloader ---------------------------
 
     def load(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         """Make room for ``name`` and call its load route, under the turn.
         Without a load route it still makes room: it loads on its first job."""
-        job = self.start(name, None, cancelled=cancelled, label=f"{name}:load")
+        job = self._room_for(name, None, f"{name}:load", cancelled)
         job.lease.release()
         return {"consumer": name, "loaded": self.registry.loaded(name), "evicted": job.evicted}
 

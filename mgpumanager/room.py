@@ -152,12 +152,14 @@ class RoomMaker:
         self._last_belief_problem = None      # with the turn held only
 
     def make_room(self, target: str, lease: Lease, deadline: float,
-                  cancelled: Callable[[], bool] | None = None) -> list[str]:
+                  cancelled: Callable[[], bool] | None = None, *,
+                  evicted: list[str] | None = None) -> list[str]:
         """Unload what may not stay beside ``target`` until it fits, then load
-        it; the victims, in order. Raises InsufficientVram, Abandoned, or
-        LeaseCut (the lease was cut under it)."""
+        it. Each victim is appended to ``evicted`` as it goes (the status
+        page shows them mid-swap); the list is returned. Raises
+        InsufficientVram, Abandoned, or LeaseCut (the lease was cut under it)."""
         clock, sched, reader = self.clock, self.config.scheduler, self.gpu.reader
-        evicted: list[str] = []
+        evicted = [] if evicted is None else evicted
         # Unloaded (or tried) once for this job: never again. A consumer
         # believed unloaded can be a candidate when memory is unexplained,
         # and unloading it again frees no more the second time.

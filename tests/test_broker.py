@@ -356,3 +356,49 @@ def test_a_job_is_counted_before_its_turn_is_given_back():
     run(b, "mvoice", "tts")
     run(b, "mvoice", "tts")
     assert counted_at_release == [1, 2]
+
+
+def test_an_explicit_load_is_no_job_of_its_consumer():
+    b, _ = make_broker()
+    set_loaded(b, mvoice=False, comfyui=False)
+    b.load("mvoice")
+    st = b.status()
+    assert st["consumers"]["mvoice"]["active"] == 0
+    assert st["scheduler"]["last_wait_ms"] is None
+
+
+def test_a_load_shows_its_victims_while_it_makes_room():
+    b, actions = make_broker()
+    set_loaded(b, mvoice=False, whisper=False, comfyui=True, ollama=True)
+    seen = []
+    unload = actions.call
+
+    def watching(c, call, timeout_s=None):
+        seen.append(list(b.status()["scheduler"]["running"]["evicted"]))
+        return unload(c, call, timeout_s)
+    actions.call = watching
+    run(b, "mvoice", "tts")
+    assert seen == [[], ["comfyui"]]          # the unload, then the load sees its victim
+
+
+def test_a_busy_hold_the_watchdog_ends_is_said_and_its_run_measured():
+    consumers = {**CONFIG["consumers"], "comfyui": {**CONFIG["consumers"]["comfyui"],
+                                                    "busy": {"path": "/queue"}}}
+    b, actions = make_broker({"consumers": consumers,
+                              "scheduler": {"queue_timeout_s": 5, "evict_settle_s": 0,
+                                            "job_timeout_s": 1, "busy_poll_s": 0.05}})
+    b.gpu.watch.grace_s = 0.2
+    set_loaded(b, comfyui=True)
+    hang = threading.Event()
+    job = b.start_job("comfyui", "image")
+    actions.is_busy = lambda c: hang.wait(3) or True     # busy after its job, and slow to say so
+    job.finish(ok=True, status=200)
+    deadline = time.monotonic() + 10
+    while b.gpu.lock.snapshot().holder is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    hang.set()
+    time.sleep(0.3)
+    types = [e["type"] for e in b.events.since(0)]
+    assert "lease_expired" in types and "job_timeout" in types
+    assert b.registry.costs()["comfyui"].run_s is not None
