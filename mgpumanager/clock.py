@@ -30,6 +30,11 @@ class Clock:
     def wall(self) -> float:
         return time.time()
 
+    def on_advance(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever time jumps: a thread that sleeps in the
+        kernel until a deadline (the lease watchdog) must look again. Real
+        time never jumps."""
+
     def wait_until(self, done: Callable[[], bool], deadline: float, every_s: float) -> bool:
         """Poll ``done`` every ``every_s`` until it is true (True) or
         ``deadline`` passes (False). ``done`` is asked at least once."""
@@ -46,11 +51,9 @@ class FakeClock(Clock):
     """Time moves only when the core sleeps; a wait that never ends fails.
 
     Wall time moves with it, from a fixed start, so that anything shown is
-    reproducible too. For one thread's waits (room making, a load's
-    settle, the OS lock): the threads that block in the kernel on a
-    timeout (the lease watchdog's epoll, the GPU queue's condition, the
-    health probes) still wait real time, so a test that needs the watchdog
-    to act uses the real clock with short bounds.
+    reproducible too. The lease watchdog is woken whenever time moves
+    (``on_advance``); the GPU queue's condition wait and the health probes
+    still wait real time.
     """
 
     def __init__(self, start: float = 1000.0, *, max_sleeps: int = 200_000):
@@ -58,6 +61,7 @@ class FakeClock(Clock):
         self._wall_offset = 1.7e9 - start
         self.sleeps = 0
         self.max_sleeps = max_sleeps
+        self._wakes: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self.t
@@ -71,8 +75,13 @@ class FakeClock(Clock):
             raise AssertionError(f"waited {self.sleeps} times: a wait that never ends")
         self.advance(max(seconds, 0.001))
 
+    def on_advance(self, wake: Callable[[], None]) -> None:
+        self._wakes.append(wake)
+
     def advance(self, seconds: float) -> None:
         self.t += seconds
+        for wake in self._wakes:
+            wake()
 
 
 def iso_utc(t: float | None) -> str | None:

@@ -41,6 +41,7 @@ class Gpu:
         self.lock = GpuLock(sched.max_queue, clock=clock.now)
         self.oslock = OsLock(sched.lock_file or default_lock_file(), clock=clock)
         self.watch = LeaseWatch(on_expired, clock=clock.now)
+        clock.on_advance(self.watch.clock_moved)
         self._mutex = threading.Lock()
         # Guarded by _mutex:
         self.current: Lease | None = None        # whoever holds the turn

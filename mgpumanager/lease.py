@@ -197,7 +197,7 @@ class LeaseWatch:
             # wake-up per job costs a thread switch on every request.
             wake = entry.due < self._wakes_at
         if wake:
-            self._wake()
+            self.wake()
 
     def watch_client(self, lease: Lease, sock) -> None:
         """Cut the lease when this client socket's peer hangs up."""
@@ -242,7 +242,16 @@ class LeaseWatch:
             pass
         entry.fd = None
 
-    def _wake(self) -> None:
+    def clock_moved(self) -> None:
+        """The clock jumped (a fake one): look again if it passed the time
+        the thread sleeps until."""
+        with self._mutex:
+            due = self._clock() >= self._wakes_at
+        if due:
+            self.wake()
+
+    def wake(self) -> None:
+        """Look at the deadlines again now (one came sooner than the thread sleeps)."""
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:

@@ -402,3 +402,21 @@ def test_a_busy_hold_the_watchdog_ends_is_said_and_its_run_measured():
     types = [e["type"] for e in b.events.since(0)]
     assert "lease_expired" in types and "job_timeout" in types
     assert b.registry.costs()["comfyui"].run_s is not None
+
+
+def test_the_watchdog_follows_a_fake_clock():
+    """Time jumped past a lease's deadline and its grace: the watchdog ends
+    the job at once (in real time), as it would after the real wait."""
+    from mgpumanager.clock import FakeClock
+    clock = FakeClock()
+    b = Broker(parse_config({**CONFIG, "scheduler": {"job_timeout_s": 100, "evict_settle_s": 0}},
+                            "test.yaml"), actions=RecordingActions(), clock=clock)
+    set_loaded(b, mvoice=True)
+    job = b.start_job("mvoice", "tts")
+    time.sleep(0.2)                        # the watchdog asleep until the (fake) deadline
+    clock.advance(100 + b.gpu.watch.grace_s + 1)
+    deadline = time.monotonic() + 5
+    while b.gpu.lock.snapshot().holder is not None:
+        assert time.monotonic() < deadline, "the watchdog slept through the fake deadline"
+        time.sleep(0.01)
+    assert job.lease.expired and b.liveness() == []
