@@ -1,7 +1,7 @@
 """The Flask layer: routes, error-to-JSON mapping, the proxied response.
 
-What lives here is HTTP: who may talk to the broker (Host, Origin, token),
-which path a request names (an escaped ``/upstream/`` prefix that leaves
+What lives here is HTTP (who may talk to the broker is access.py's): which
+path a request names (an escaped ``/upstream/`` prefix that leaves
 no single reading is refused here) and whether it is a GPU job (the
 consumer's config says; this module asks it), turning the WSGI request
 into an upstream call, and the upstream answer into a WSGI response whose
