@@ -259,7 +259,10 @@ def b_names(five: bool) -> list[str]:
 # -- the jobs ------------------------------------------------------------------
 
 def tts(b: BrokerProcess, text: str) -> bytes:
-    r = requests.post(b.url + "/v1/tts", json={"text": text}, timeout=120)
+    # Without piper's sampling noise the same sentence is the same speech
+    # every run: a transcript that differs then says something of the path.
+    r = requests.post(b.url + "/v1/tts", json={"text": text, "noise_scale": 0.0,
+                                               "noise_w_scale": 0.0}, timeout=120)
     assert r.status_code == 200, r.text[:300]
     assert r.content[:4] == b"RIFF" and r.content[8:12] == b"WAVE"
     return r.content
