@@ -26,11 +26,11 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from .access import (LOGIN_MAX_BYTES, TOKEN_COOKIE, guard, token_matches,
-                     without_broker_credential)
+from .access import (LOGIN_MAX_BYTES, TOKEN_COOKIE, check_host_and_origin, given_token,
+                     token_matches, without_broker_credential)
 from .broker import Broker, Job
 from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
-                     PayloadTooLarge, RequestTimeout, TooManyStreams,
+                     PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
                      UpstreamBadResponse)
 from .lease import Exchange
 from .metrics import render as render_metrics
@@ -91,8 +91,23 @@ class PassthroughResponse(Response):
         return self.body
 
 
-# Who may talk to the broker, checked before anything else runs.
-bp.before_app_request(guard)
+@bp.before_app_request
+def guard() -> Response | None:
+    """Who may talk to the broker, checked before anything else runs
+    (access.py decides): Host and Origin, then, with server.auth_token set,
+    the token on every route but /healthz and the login form."""
+    if request.path == "/healthz":
+        return None
+    server = broker().config.server
+    check_host_and_origin(server, request.environ, request.method, request.scheme)
+    if server.auth_token is not None and request.endpoint not in ("mgpumanager.login", "static"):
+        given = given_token(request.environ, request.cookies.get(TOKEN_COOKIE))
+        if not token_matches(server.auth_token, given):
+            if request.path == "/" and request.method == "GET":
+                return Response(render_template("login.html", failed=False), 401,
+                                mimetype="text/html")
+            raise Unauthorized("this broker wants a token: Authorization: Bearer <token>")
+    return None
 
 
 @bp.before_app_request
@@ -199,9 +214,10 @@ def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
     consumer = b.config.consumers[name]
     bytes_in = body.size if isinstance(body, SpooledBody) else 0
     try:
+        headers = without_broker_credential(request_headers(environ),
+                                            b.config.server.auth_token)
         upstream = b.upstream.open(environ["REQUEST_METHOD"], consumer.url, target,
-                                   headers=without_broker_credential(request_headers(environ)),
-                                   body=body,
+                                   headers=headers, body=body,
                                    read_timeout_s=consumer.read_timeout_s, consumer=name,
                                    exchange=exchange)
     except BaseException as e:
@@ -343,7 +359,7 @@ def login():
             "application/x-www-form-urlencoded"):
         raise BadRequest("the login form is application/x-www-form-urlencoded")
     token = request.form.get("token", "")
-    if not token_matches(token):
+    if not token_matches(broker().config.server.auth_token, token):
         return render_template("login.html", failed=True), 401
     resp = redirect(url_for("mgpumanager.index"))
     resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
