@@ -186,3 +186,4 @@ class Broker:
         self._shutdown_requested.set()
         self.health.stop()
         self.gpu.stop()
+        self.upstream.close()

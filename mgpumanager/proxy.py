@@ -262,6 +262,14 @@ class UpstreamPool:
                     self._pools[base_url] = pool
         return pool
 
+    def close(self) -> None:
+        """Close every idle connection (the broker is stopping); one in use
+        is closed by its answer as usual."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
     def open(self, method: str, base_url: str, path: str, *, headers: dict, body=None,
              read_timeout_s: float | None = None, consumer: str | None = None,
              exchange: Exchange | None = None) -> urllib3.HTTPResponse:

@@ -1,14 +1,21 @@
-"""Fixtures: simulated consumers on loopback and a real gunicorn per test.
+"""Fixtures: simulated consumers on loopback and a broker per test.
 
 Each test gets fresh simulated servers (threads in this process, on free
 ports, so the test can look at what reached them) and, where it talks to
-the broker, a fresh gunicorn process running a config written for it.
+the broker, a broker of its own on a port of its own, in one of two tiers:
+
+- by default, ``create_app`` in this process behind a threaded WSGI server
+  (the whole HTTP contract, real sockets, no process to start);
+- for tests marked ``gunicorn`` (what the worker class, the master and
+  signals do: head gathering, lingering closes, SIGHUP, SIGTERM, a second
+  worker), a fresh gunicorn process running a config written for it.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 import re
 import signal
@@ -22,6 +29,9 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from mgpumanager.app import EXTENSION, create_app
 
 from mgpumanager.sim import start_cluster
 from mgpumanager.sim.echo import EchoServer
@@ -171,13 +181,128 @@ def sim_config(sim, echo=None) -> dict:
     return cfg
 
 
-class BrokerProcess:
+_serial = itertools.count(1)
+
+
+class _BrokerUnderTest:
+    port: int | None
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, *names: str, timeout_s: float = 10) -> dict:
+        """Until every named consumer has passed a health probe."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if all(status["consumers"][n]["healthy"] for n in names):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not healthy in time: {status['consumers']}")
+            time.sleep(0.05)
+
+    def status(self) -> dict:
+        r = requests.get(self.url + "/v1/status", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+
+class _ClosedOnce:
+    """An answer's iterable whose close() runs once, whoever calls it."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.closed = False
+
+    def __iter__(self):
+        return iter(self.answer)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            getattr(self.answer, "close", lambda: None)()
+
+
+def _closing(app):
+    def serve(environ, start_response):
+        environ["tests.answer"] = answer = _ClosedOnce(app(environ, start_response))
+        return answer
+    return serve
+
+
+class _Handler(WSGIRequestHandler):
+    """Werkzeug's handler with the client socket in the environ (as gunicorn
+    puts it there, for the broker's hang-up check), no access log, and the
+    answer closed however the exchange ends: Werkzeug skips close() when the
+    client resets the connection after the last chunk, where gunicorn and
+    the WSGI spec do not (the GPU job ends in close())."""
+
+    def make_environ(self):
+        self._environ = environ = super().make_environ()
+        environ["gunicorn.socket"] = self.connection
+        return environ
+
+    def run_wsgi(self):
+        try:
+            super().run_wsgi()
+        finally:
+            answer = getattr(self, "_environ", {}).get("tests.answer")
+            if answer is not None:
+                answer.close()
+
+    def log_request(self, *args, **kwargs):
+        pass
+
+
+class InProcessBroker(_BrokerUnderTest):
+    """The broker's app in this process, behind a threaded WSGI server on
+    port 0: the same views, core and sockets as under gunicorn, started in
+    milliseconds."""
+
+    def __init__(self, config: dict, tmp_path: Path):
+        n = next(_serial)
+        self.config_path = tmp_path / f"broker-{n}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"broker-{n}.log"
+        self.app = create_app(str(self.config_path))
+        self.broker = self.app.extensions[EXTENSION]
+        logger = logging.getLogger("mgpumanager")
+        self._handler = logging.FileHandler(self.log_path)
+        self._handler.setFormatter(logger.handlers[0].formatter if logger.handlers else None)
+        logger.handlers[:] = [self._handler]
+        self.server = make_server("127.0.0.1", 0, _closing(self.app), threaded=True,
+                                  request_handler=_Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float = 30) -> "InProcessBroker":
+        return self
+
+    def worker_pid(self) -> int:
+        return os.getpid()
+
+    def log(self) -> str:
+        self._handler.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.broker.stop()
+        self.server.server_close()
+        logging.getLogger("mgpumanager").removeHandler(self._handler)
+        self._handler.close()
+
+
+class BrokerProcess(_BrokerUnderTest):
     """A gunicorn serving the broker on its own port, for one test."""
 
-    _serial = itertools.count(1)
-
     def __init__(self, config: dict, tmp_path: Path, extra_args: list[str] = ()):
-        n = next(self._serial)
+        n = next(_serial)
         self.port: int | None = None      # gunicorn binds port 0; wait_ready reads which
         self.config_path = tmp_path / f"broker-{n}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -190,10 +315,6 @@ class BrokerProcess:
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
              "--bind", "127.0.0.1:0", "--no-control-socket", *extra_args],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout_s: float = 30) -> "BrokerProcess":
         """Until the worker answers /healthz. gunicorn listens before its
@@ -216,22 +337,6 @@ class BrokerProcess:
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not answer within {timeout_s} s:\n{self.log()}")
 
-    def wait_healthy(self, *names: str, timeout_s: float = 10) -> dict:
-        """Until every named consumer has passed a health probe."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self.status()
-            if all(status["consumers"][n]["healthy"] for n in names):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not healthy in time: {status['consumers']}")
-            time.sleep(0.05)
-
-    def status(self) -> dict:
-        r = requests.get(self.url + "/v1/status", timeout=5)
-        r.raise_for_status()
-        return r.json()
-
     def worker_pid(self) -> int:
         return self.status()["broker"]["pid"]
 
@@ -251,17 +356,24 @@ class BrokerProcess:
 
 
 @pytest.fixture
-def start_broker(tmp_path):
-    started: list[BrokerProcess] = []
+def start_broker(request, tmp_path):
+    """Start a broker on ``config``: in this process, or under gunicorn
+    for a test marked ``gunicorn``."""
+    under_gunicorn = request.node.get_closest_marker("gunicorn") is not None
+    started: list = []
 
-    def start(config: dict, *, extra_args: list[str] = (), ready: bool = True) -> BrokerProcess:
-        b = BrokerProcess(config, tmp_path, list(extra_args))
+    def start(config: dict, *, extra_args: list[str] = (), ready: bool = True):
+        if under_gunicorn:
+            b = BrokerProcess(config, tmp_path, list(extra_args))
+        else:
+            assert not extra_args, "gunicorn arguments need a test marked gunicorn"
+            b = InProcessBroker(config, tmp_path)
         started.append(b)
         return b.wait_ready() if ready else b
 
     yield start
     for b in started:             # all at once: each waits out its lingering clients
-        if b.proc.poll() is None:
+        if isinstance(b, BrokerProcess) and b.proc.poll() is None:
             b.proc.send_signal(signal.SIGTERM)
     for b in started:
         b.stop()

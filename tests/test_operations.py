@@ -6,10 +6,14 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 import yaml
 
 from conftest import read_until_closed, sim_config, wait_until
+
+# Signals, reloads, the master and the worker class: gunicorn itself.
+pytestmark = pytest.mark.gunicorn
 
 TTS = {"json": {"text": "hi"}}
 

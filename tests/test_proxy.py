@@ -136,6 +136,8 @@ def test_gzip_passes_through_still_compressed(broker):
     assert raw[:2] == b"\x1f\x8b"
 
 
+# What reaches the client's socket after a bodyless answer is the worker's doing.
+@pytest.mark.gunicorn
 @pytest.mark.parametrize("method,path", [("HEAD", "/upstream/echo/bytes/1000"),
                                          ("GET", "/upstream/echo/status/204"),
                                          ("GET", "/upstream/echo/status/304")])
@@ -153,6 +155,8 @@ def test_bodyless_answers_carry_no_body(broker, method, path):
     assert rest.startswith(b"HTTP/1.1 200"), "a body leaked between the two answers"
 
 
+# The 100 Continue is the worker's (gunicorn's) to send.
+@pytest.mark.gunicorn
 def test_expect_100_continue_does_not_stall_an_upload(broker):
     body = b"z" * 200_000
     with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s:
@@ -192,6 +196,8 @@ def test_audio_is_streamed_from_the_audio_proxy_without_the_lock(broker, sim):
     assert audio.status_code == 200 and audio.content == r.content
 
 
+# gunicorn's keep-alive: the answer is closed before the next request is read.
+@pytest.mark.gunicorn
 def test_upstream_keep_alive_connections_are_reused(broker, echo):
     with requests.Session() as s:
         for _ in range(20):

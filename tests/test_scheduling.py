@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from conftest import TIME_SCALE, background, hold_gpu, queued_depth, wait_until
@@ -165,6 +166,8 @@ def test_per_consumer_active_and_totals_show_in_status(broker, echo):
     assert st["total_jobs"] == 1 and st["last_run_ms"] > 0 and st["last_wait_ms"] is not None
 
 
+# A hang-up as gunicorn's worker sees it: the write fails, the answer is closed.
+@pytest.mark.gunicorn
 def test_a_hang_up_mid_stream_holds_the_gpu_until_the_service_lets_go(broker_with, sim):
     """The client hangs up in the middle of an LLM stream with a TTS job
     queued behind it. The simulated ollama, like the real one, notices only

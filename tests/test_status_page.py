@@ -86,6 +86,8 @@ def test_job_logs_go_to_the_error_log_one_line_per_job(broker):
     assert lines and "status=200" in lines[-1] and "wait_ms=" in lines[-1]
 
 
+# gunicorn's own log lines in the same format.
+@pytest.mark.gunicorn
 def test_json_log_format_writes_one_object_per_job_and_eviction(broker_with):
     b = broker_with({"server": {"log_format": "json"}})
     fill = [("llm", {"json": {"prompt": "x"}}), ("stt", {"files": {"file": ("a.wav", b"RIFF")}}),

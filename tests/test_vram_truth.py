@@ -262,6 +262,8 @@ def settle(b, sim, timeout=15):
         time.sleep(0.05)
 
 
+# A hang-up as gunicorn's worker sees it: the write fails, the answer is closed.
+@pytest.mark.gunicorn
 def test_clients_that_hang_up_mid_answer_never_erase_a_consumer_from_the_ledger(
         sim, start_broker):
     cfg = only(sim_config(sim), "mvoice", "comfyui")
