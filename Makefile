@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-real bench bench-quick bench-swaps soak check-config clean
+.PHONY: install demo run test test-long test-real bench bench-quick bench-swaps soak check-config clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ check-config: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same suite with ten times the generated cases (the planner's and the
+# fuzzers'): minutes, not one; before a release or after touching the core.
+test-long: install
+	PLANNER_EXAMPLES=750 FUZZ_EXAMPLES=450 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Five real CPU servers behind the broker (tests/test_real.py): piper and
 # faster-whisper-server in .venv-real, with a voice, whisper tiny.en and a

@@ -151,7 +151,10 @@ def sim_config(sim, echo=None) -> dict:
         "health": {"interval_s": 0.2, "timeout_s": 1},
         "scheduler": {"max_queue": 48, "queue_timeout_s": 30, "evict_settle_s": 2,
                       "busy_poll_s": 0.02},
-        "proxy": {"connect_timeout_s": 2, "read_timeout_s": 10},
+        # cut_hold_s: the echo upstream never lets go of a hung-up answer (it
+        # waits for echo.release), so a test that lets go of hold_gpu() by
+        # hanging up would wait out the whole bound.
+        "proxy": {"connect_timeout_s": 2, "read_timeout_s": 10, "cut_hold_s": 0.3},
         "routes": {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"},
         "audio_proxy": "mvoice",
         "consumers": {

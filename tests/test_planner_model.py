@@ -23,6 +23,7 @@ unloaded is not loaded at start: the contract's assumption.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 from hypothesis import HealthCheck, assume, settings, strategies as st
@@ -262,7 +263,9 @@ class LivePlannerMachine(PlannerMachine):
         self.truth.held[data.draw(st.sampled_from(reporting))] = 0
 
 
-SETTINGS = settings(max_examples=150, stateful_step_count=25, deadline=None,
+# 75 runs of 25 steps in `make test`; `make test-long` runs ten times as many.
+SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "75")),
+                    stateful_step_count=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
