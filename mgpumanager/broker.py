@@ -10,6 +10,8 @@ Each part owns one thing (docs/design.md has the long form):
 - ``QueueOrder`` (order.py): priorities, affinity, wait estimates.
 - ``ConsumerRegistry`` and ``HealthMonitor`` (consumers.py): what the
   broker believes of each consumer, and the probes that keep it true.
+- ``ModelDirectory`` (models.py): which consumer serves a model, for the
+  OpenAI door.
 - ``Stats`` (stats.py): counters, events, the job log.
 - ``StatusView`` (status.py): /v1/status and liveness.
 
@@ -31,6 +33,7 @@ from .device import Gpu
 from .errors import UnknownConsumer, UnknownKind
 from .gpu import GpuReader
 from .job import Job, Jobs
+from .models import ModelDirectory
 from .order import QueueOrder
 from .proxy import UpstreamPool
 from .room import MemoryAttribution, RoomMaker, Swaps, settleable
@@ -54,7 +57,9 @@ class Broker:
                                          on_health_change=self._health_changed)
         self.actions = actions or HttpActions(config.proxy.connect_timeout_s,
                                               config.health.timeout_s)
-        self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s)
+        self.models = ModelDirectory(config, self.actions, clock, config.health.timeout_s)
+        self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s,
+                                    on_probe=self.models.probed)
         attribute = MemoryAttribution(config, self.registry, self.stats)
         self.gpu = Gpu(config, clock, held_mib=self.registry.held_mib, reader=reader,
                        on_expired=lambda lease: self.jobs.expired(lease), on_sample=attribute)

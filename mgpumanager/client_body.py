@@ -109,6 +109,16 @@ class SpooledBody:
             return self.file.read()
         return self.file
 
+    def chunks(self, size: int = 64 * 1024):
+        """The body from its start, a piece at a time (for a look at it
+        before it goes upstream; upstream_body() starts over)."""
+        self.file.seek(0)
+        while True:
+            data = self.file.read(size)
+            if not data:
+                return
+            yield data
+
     def close(self) -> None:
         self.file.close()
 

@@ -101,6 +101,9 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
             kpath = key_path("routes", kind)
             if not isinstance(kind, str) or not NAME_RE.fullmatch(kind):
                 r.problem(kpath, "a kind name (letters, digits, '.', '_', '-')", kind)
+            elif kind in RESERVED_KINDS:
+                r.problem(kpath, f"a kind name that is none of the broker's own /v1/ routes "
+                          f"({', '.join(sorted(RESERVED_KINDS))})", kind)
             elif not isinstance(target, str) or target not in names:
                 r.problem(kpath, f"the name of a consumer ({listing(names)})", target)
             elif target not in consumers:
@@ -110,6 +113,8 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                           f"has {', '.join(consumers[target].paths) or 'none'})", target)
             else:
                 routes[str(kind)] = target
+
+    _check_model_claims(r, consumers)
 
     priority = _read_priority(r, q.get("priority"),
                               list(routes_node) if isinstance(routes_node, dict) else None)
@@ -126,6 +131,26 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     return Config(path=path, server=server, gpu=gpu, health=health, scheduler=scheduler,
                   proxy=proxy, routes=MappingProxyType(routes), audio_proxy=audio,
                   consumers=MappingProxyType(consumers))
+
+
+# /v1/<kind> shares its first segment with these: a kind by one of these
+# names could never be reached, or would shadow the broker's own route.
+RESERVED_KINDS = frozenset({"chat", "completions", "embeddings", "audio", "images", "models",
+                            "leases", "status", "events", "consumers", "metrics"})
+
+
+def _check_model_claims(r: _Reader, consumers: dict[str, ConsumerConfig]) -> None:
+    """A model name two consumers list would route by config order: refused,
+    naming both. (Globs may overlap: an exact name goes first, then the
+    longest glob; see models.py.)"""
+    claimed: dict[str, str] = {}
+    for name, c in consumers.items():
+        for i, model in enumerate(c.models):
+            other = claimed.setdefault(model, name)
+            if other != name:
+                r.problem(f"consumers.{name}.models[{i}]",
+                          f"a model no other consumer lists (consumers.{other}.models has "
+                          f"{model!r} too)", model)
 
 
 def _read_priority(r: _Reader, node: Any, kinds: list | None) -> dict[str, int]:

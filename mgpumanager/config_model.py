@@ -254,6 +254,11 @@ class ConsumerConfig:
     upstream_allow: tuple[GpuRoute, ...] | None = None   # None: /upstream/<name>/ forwards all
     loaded_from: ModelsFrom | None = None   # its loaded models (and their VRAM), for its state
     type: str = "generic"                   # the preset its defaults came from
+    # The OpenAI door: the model names (and globs) it serves there, where
+    # its own OpenAI API lives, and where it lists the models it can serve.
+    models: tuple[str, ...] = ()
+    openai_base: str = "/v1"
+    models_from: ModelsFrom | None = None
 
     def upstream_allows(self, method: str, raw_path: str) -> bool:
         """Whether /upstream/<name>/ may forward this: every form of the path

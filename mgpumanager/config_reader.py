@@ -352,13 +352,33 @@ def _read_gpu_routes(r: _Reader, node: Any, path: str,
     return tuple(routes)
 
 
+MODEL_NAME_RE = re.compile(r"[^\s\x00-\x1f]{1,256}")
+
+
+def _read_model_names(r: _Reader, node: Any, path: str) -> tuple[str, ...]:
+    """A consumer's ``models``: names or globs (``qwen2.5:*``), null for none."""
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        r.problem(path, "a list of model names or globs", node)
+        return ()
+    out = []
+    for i, name in enumerate(node):
+        if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+            r.problem(f"{path}[{i}]", "a model name or glob (1 to 256 characters, no spaces)",
+                      name)
+        else:
+            out.append(name)
+    return tuple(out)
+
+
 def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> ConsumerConfig | None:
     path = f"consumers.{name}"
     node = r.section(node, path, (
         "type", "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
         "unload", "busy", "gpu_routes", "not_gpu_routes", "vram_managed", "idle_unload_s",
         "read_timeout_s",
-        "pids_from", "upstream_allow", "loaded_from"))
+        "pids_from", "upstream_allow", "loaded_from", "models", "openai_base", "models_from"))
     preset = r.string(node, "type", path, "generic", TYPES)
     node = with_preset({**node, "type": preset})
     url = r.url(node, "url", path)
@@ -406,6 +426,9 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         upstream_allow=(None if node.get("upstream_allow") is None else _read_gpu_routes(
             r, node.get("upstream_allow"), f"{path}.upstream_allow", None)),
         loaded_from=_read_models_from(r, node.get("loaded_from"), f"{path}.loaded_from"),
+        models=_read_model_names(r, node.get("models"), f"{path}.models"),
+        openai_base=r.upstream_path(node, "openai_base", path, "/v1").rstrip("/"),
+        models_from=_read_models_from(r, node.get("models_from"), f"{path}.models_from"),
         type=preset)
     if url is None or resident is None:
         return None

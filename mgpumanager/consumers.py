@@ -348,10 +348,12 @@ class HealthMonitor:
     """One daemon thread per consumer, so a consumer that hangs until its
     probe times out delays nobody else's probe."""
 
-    def __init__(self, registry: ConsumerRegistry, actions: ConsumerActions, interval_s: float):
+    def __init__(self, registry: ConsumerRegistry, actions: ConsumerActions, interval_s: float,
+                 on_probe: Callable[[str, bool], None] | None = None):
         self.registry = registry
         self.actions = actions
         self.interval_s = interval_s
+        self._on_probe = on_probe           # after each probe: (name, healthy)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
                                           name=f"health-{name}") for name in registry.names()]
@@ -416,6 +418,8 @@ class HealthMonitor:
         sent_at = self.registry.clock()
         result = self.actions.probe_health(self.registry.config.consumers[name])
         self.registry.record_health(name, result, sent_at)
+        if self._on_probe is not None:
+            self._on_probe(name, result.ok)
         return result
 
     def _run(self, name: str) -> None:

@@ -30,6 +30,34 @@ class BrokerError(Exception):
         body.update(self.details)
         return {"error": body}
 
+    @property
+    def retry_may_help(self) -> bool:
+        """False for refusals that the same request, sent again, meets again."""
+        return self.code not in NOT_RETRIED
+
+    def to_openai_json(self) -> dict:
+        """OpenAI's error shape, with the broker's code: the openai SDK raises
+        the status's exception (NotFoundError, InternalServerError, ...) with
+        ``.code``, ``.type`` and ``.param`` from here and this message in its
+        text."""
+        if self.status == 401:
+            kind = "authentication_error"
+        elif self.status == 403:
+            kind = "permission_error"
+        elif self.status < 500:
+            kind = "invalid_request_error"
+        else:
+            kind = "server_error"
+        body = {"message": self.message, "type": kind, "param": self.details.get("param"),
+                "code": self.code}
+        if self.consumer is not None:
+            body["consumer"] = self.consumer
+        return {"error": body}
+
+
+NOT_RETRIED = frozenset({"insufficient_vram", "model_not_found", "bad_request",
+                         "payload_too_large", "unauthorized", "forbidden", "unknown_consumer"})
+
 
 class BadRequest(BrokerError):
     status, code = 400, "bad_request"
@@ -41,6 +69,10 @@ class UnknownKind(BrokerError):
 
 class UnknownConsumer(BrokerError):
     status, code = 404, "unknown_consumer"
+
+
+class ModelNotFound(BrokerError):
+    status, code = 404, "model_not_found"
 
 
 class NotFound(BrokerError):

@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "generic": {},
     "ollama": {
         "health": "/api/version",
+        "models_from": {"path": "/api/tags", "list": "models", "name": "name"},
         "loaded_from": {"path": "/api/ps", "list": "models", "name": "name",
                         "vram_bytes": "size_vram"},
         "unload": {"method": "POST", "path": "/api/generate",
@@ -75,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "llama.cpp": {
         "health": "/health",
+        "models_from": {"path": "/v1/models", "list": "data", "name": "id"},
         "unload": {"method": "POST", "path": "/models/unload", "json": {"model": "{model}"},
                    "for_each": {"path": "/models", "list": "data", "name": "id",
                                 "where": "status.value", "equals": "loaded"}},
@@ -82,12 +84,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "vllm": {
         "health": "/health",
+        "models_from": {"path": "/v1/models", "list": "data", "name": "id"},
         "load": {"method": "POST", "path": "/wake_up"},
         "unload": {"method": "POST", "path": "/sleep?level=1"},
         "not_gpu_routes": ["POST /tokenize", "POST /detokenize"],
     },
     "openai": {
         "health": "/v1/models",
+        "models_from": {"path": "/v1/models", "list": "data", "name": "id"},
     },
 }
 

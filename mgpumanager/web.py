@@ -33,6 +33,7 @@ from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFo
                      PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
                      UpstreamBadResponse)
 from .lease import Exchange
+from .models import model_of
 from .metrics import render as render_metrics
 from .client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
 from .proxy import StreamedBody, request_headers, response_headers, status_line
@@ -172,8 +173,8 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     target = upstream_path + (f"?{query}" if query else "")
     if not target.isascii():
         raise BadRequest("the request target must be ASCII (percent-encode other bytes)")
-    client_sock = environ.get("gunicorn.socket")
     if not gpu:
+        client_sock = environ.get("gunicorn.socket")
         b.check_healthy(name, kind)
         if not b.streams.acquire(blocking=False):
             limit = b.config.server.stream_limit(b.config.scheduler.max_queue)
@@ -185,19 +186,35 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
             exchange.attach(client_sock)      # an upstream that breaks off cuts the answer
         return forward(name, kind, target, request_body(environ), exchange, None,
                        done=b.streams.release)
+    return gpu_job(name, kind, target, spooled_body(name, kind))
+
+
+def spooled_body(name: str | None, kind: str | None) -> SpooledBody | None:
+    """The client's whole body, received before its job queues."""
+    b = broker()
+    environ = request.environ
     try:
         body = spool_body(environ, b.config.proxy.max_body_bytes)
     except BrokerError as e:
-        environ[BODY_DONE] = True
         b.client_error(e, name, kind)
         raise
-    environ[BODY_DONE] = True
+    finally:
+        environ[BODY_DONE] = True
+    return body
+
+
+def gpu_job(name: str, kind: str | None, target: str, body: SpooledBody | None) -> Response:
+    """Queue, make room, then forward: the GPU job's life is job.py's; its
+    lease watches the client socket until the answer is done."""
+    b = broker()
+    environ = request.environ
     try:
         job = b.start_job(name, kind, cancelled=client_gone(environ))
     except BaseException:
         if body is not None:
             body.close()
         raise
+    client_sock = environ.get("gunicorn.socket")
     if client_sock is not None:
         job.lease.attach(client_sock)
         b.gpu.watch.watch_client(job.lease, client_sock)
@@ -272,6 +289,47 @@ def facade(kind: str):
     b = broker()
     name = b.consumer_for_kind(kind)
     return proxy(name, kind, b.config.consumers[name].paths[kind], gpu=True)
+
+
+# -- the OpenAI door: one base URL, routed by the request's model --------------------
+
+OPENAI_ROUTES = ("chat/completions", "completions", "embeddings", "audio/speech",
+                 "audio/transcriptions", "audio/translations", "images/generations")
+OPENAI_PATHS = frozenset({*(f"/v1/{r}" for r in OPENAI_ROUTES), "/v1/models"})
+
+
+def openai_door(route: str) -> Response:
+    b = broker()
+    body = spooled_body(None, route)
+    try:
+        model = model_of(body.chunks if body is not None else lambda: iter(()),
+                         body.size if body is not None else 0, request.content_type or "")
+        name = b.models.consumer_for(model)
+        b.check_consumer(name)
+    except BrokerError as e:
+        if body is not None:
+            body.close()
+        if e.status < 500:
+            b.client_error(e, None, route)
+        raise
+    query = request.environ.get("QUERY_STRING")
+    target = f"{b.config.consumers[name].openai_base}/{route}" + (f"?{query}" if query else "")
+    return gpu_job(name, route, target, body)
+
+
+for _route in OPENAI_ROUTES:
+    bp.add_url_rule(f"/v1/{_route}", f"openai_{_route.replace('/', '_')}",
+                    lambda _route=_route: openai_door(_route), methods=["POST"])
+
+
+@bp.get("/v1/models")
+def models():
+    """OpenAI's model list: every concrete name each consumer serves."""
+    b = broker()
+    data = [{"id": model, "object": "model", "created": 0, "owned_by": name,
+             "loaded": b.registry.loaded(name)}
+            for model, name in b.models.listing()]
+    return jsonify({"object": "list", "data": data})
 
 
 @bp.route("/upstream/<name>", defaults={"path": ""}, methods=ALL_METHODS,
@@ -395,10 +453,14 @@ def index():
 # -- errors ---------------------------------------------------------------------
 
 def error_response(e: BrokerError) -> Response:
-    resp = jsonify(e.to_json())
+    openai = request.path in OPENAI_PATHS
+    resp = jsonify(e.to_openai_json() if openai else e.to_json())
     resp.status_code = e.status
     if e.retry_after is not None:
         resp.headers["Retry-After"] = str(e.retry_after)
+    if openai and not e.retry_may_help:
+        # The openai SDK retries a 5xx twice; this header says it will not help.
+        resp.headers["x-should-retry"] = "false"
     return resp
 
 

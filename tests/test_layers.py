@@ -15,7 +15,7 @@ LAYERS = [
     {"config", "config_model", "config_reader", "yamlsafe"},
     {"gpu", "gpulock", "oslock", "client_body", "proxy", "stats"},
     {"admin", "consumers"},
-    {"device", "order"},
+    {"device", "order", "models"},
     {"room"},
     {"job", "status"},
     {"broker"},
