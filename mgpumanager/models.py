@@ -46,6 +46,7 @@ class ModelDirectory:
         self._listed: dict[str, tuple[str, ...]] = {}     # consumer -> what it listed last
         self._asked_at: dict[str, float] = {}
         self._asked_all_at = float("-inf")
+        self._failed: dict[str, str] = {}                   # consumer -> why its list failed
         # Exact names first (configured before listed), then globs, longest first.
         self._exact = {m: n for n, c in config.consumers.items() for m in c.models
                        if not _is_glob(m)}
@@ -71,8 +72,11 @@ class ModelDirectory:
         try:
             found = self.actions.models(c, c.models_from, self.timeout_s)
         except BrokerError as e:
-            log.info("%s: could not list its models: %s", name, e.message)
+            if self._failed.get(name) != e.message:        # said once, not every REFRESH_S
+                log.info("%s: could not list its models: %s", name, e.message)
+            self._failed[name] = e.message
             return
+        self._failed.pop(name, None)
         key = c.models_from.name
         names = tuple(str(m[key]) if isinstance(m, dict) else str(m)
                       for m in found if not isinstance(m, dict) or m.get(key) is not None)
@@ -92,9 +96,12 @@ class ModelDirectory:
             found = self._lookup(model)
         if found is not None:
             return found
-        close = difflib.get_close_matches(model, [m for m, _ in self.listing()], n=3, cutoff=0.5)
+        # Bounded: difflib's work grows with the product of the lengths.
+        close = (difflib.get_close_matches(model, [m for m, _ in self.listing()], n=3,
+                                           cutoff=0.5) if len(model) <= 256 else [])
         hint = f"; close: {', '.join(close)}" if close else ""
-        raise ModelNotFound(f"no consumer serves the model {model!r}{hint} "
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        raise ModelNotFound(f"no consumer serves the model {shown!r}{hint} "
                             "(GET /v1/models lists them)", param="model")
 
     def _lookup(self, model: str) -> str | None:
@@ -140,7 +147,7 @@ def model_of(read: Callable[[], Iterator[bytes]], size: int, content_type: str) 
     else:
         try:
             body = json.loads(b"".join(read()))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):      # UnicodeDecodeError is a ValueError
             raise BadRequest("the request body is not JSON (or a multipart form for an "
                              "upload)", param=None) from None
         model = body.get("model") if isinstance(body, dict) else None

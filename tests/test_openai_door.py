@@ -22,8 +22,8 @@ def door_with(sim, echo, start_broker):
     (alpha configured by name, beta known only from its own /v1/models), a
     speech server that fits beside anything, and ``overrides`` merged in."""
     servers = {
-        "llm-a": OpenAISim(sim.gpu, "llm-a", ["alpha", "alpha-instruct"], resident_mib=14000,
-                           time_scale=TIME_SCALE).start(),
+        "llm-a": OpenAISim(sim.gpu, "llm-a", ["alpha"], accepts=["alpha", "alpha-*"],
+                           resident_mib=14000, time_scale=TIME_SCALE).start(),
         "llm-b": OpenAISim(sim.gpu, "llm-b", ["beta", "beta-large"], resident_mib=14000,
                            time_scale=TIME_SCALE).start(),
         "speech": OpenAISim(sim.gpu, "speech", ["tts-1", "whisper-1"], resident_mib=2000,
@@ -35,11 +35,11 @@ def door_with(sim, echo, start_broker):
         unload = {"path": "/sim/unload"}
         cfg = deep_merge(sim_config(sim, echo), {"consumers": {
             "llm-a": {"type": "openai", "url": servers["llm-a"].url, "vram_resident_mib": 14000,
-                      "models": ["alpha", "alpha-*"], "models_from": None, "unload": unload},
+                      "models": ["alpha", "alpha-*"], "unload": unload},
             "llm-b": {"type": "openai", "url": servers["llm-b"].url, "vram_resident_mib": 14000,
                       "unload": unload},
             "speech": {"type": "openai", "url": servers["speech"].url, "vram_resident_mib": 2000,
-                       "models": ["tts-1", "whisper-1"], "models_from": None, "unload": unload,
+                       "models": ["tts-1", "whisper-1"], "unload": unload,
                        "can_coexist_with": ["mvoice", "whisper", "ollama", "comfyui", "llm-a",
                                             "llm-b"]},
         }})
@@ -112,7 +112,7 @@ def test_models_lists_every_concrete_name_with_its_consumer(door):
     door.client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}])
     listed = {m.id: m for m in door.client.models.list()}
     assert {k: v.owned_by for k, v in listed.items() if v.owned_by.startswith(("llm", "speech"))} \
-        == {"alpha": "llm-a", "alpha-instruct": "llm-a", "beta": "llm-b", "beta-large": "llm-b",
+        == {"alpha": "llm-a", "beta": "llm-b", "beta-large": "llm-b",
             "tts-1": "speech", "whisper-1": "speech"}
     def alpha_loaded():
         return {m["id"]: m["loaded"] for m in requests.get(door.url + "/v1/models")
@@ -134,6 +134,7 @@ def test_an_unknown_model_is_a_404_in_openais_shape_naming_close_ones(door):
     (None, {"json": {"messages": []}}),
     (None, {"json": {"model": 7}}),
     (None, {}),
+    ("[" * 100_000, {"headers": {"Content-Type": "application/json"}}),
 ])
 def test_no_model_or_no_json_is_a_400_in_openais_shape(door, body, kw):
     r = requests.post(door.url + "/v1/chat/completions", data=body, **kw)
@@ -200,6 +201,13 @@ def test_eight_clients_alternating_models_run_one_job_at_a_time(door, sim):
     st = door.status()
     assert st["consumers"]["llm-a"]["evictions"] + st["consumers"]["llm-b"]["evictions"] >= 1
     wait_until(lambda: door.status()["scheduler"]["total_jobs"] >= 24, what="24 jobs counted")
+
+
+def test_a_long_unknown_model_name_is_answered_at_once_and_shown_cut(door):
+    r = requests.post(door.url + "/v1/embeddings", json={"model": "m" * 1_000_000, "input": "x"},
+                      timeout=5)
+    assert r.status_code == 404 and len(r.content) < 2000
+    assert r.json()["error"]["code"] == "model_not_found"
 
 
 def test_the_kind_routes_are_unchanged_beside_the_door(door):

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 import yaml
@@ -456,6 +457,35 @@ def test_a_restarted_broker_settles_a_really_loaded_comfyui_before_the_llm_runs(
     assert_no_job_failed(second)
     assert took < FIRST_JOB_S, f"the LLM job took {took:.1f} s"
     report("llm job on a restarted broker", s=round(took, 2), evicted=job["evicted"])
+
+
+def test_the_openai_door_routes_by_model_to_llama_server_and_faster_whisper(services, start):
+    """One base URL for the openai SDK: the GGUF's name as llama-server lists
+    it, whisper-1 as the config lists it for faster-whisper-server."""
+    b = start()
+    client = openai.OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    wait_until(lambda: LLM_MODEL in {m.id for m in client.models.list()}, timeout=10,
+               what="llama-server's own model list")
+    owners = {m.id: m.owned_by for m in client.models.list()}
+    assert owners[LLM_MODEL] == "llama" and owners["whisper-1"] == "faster-whisper"
+    reply = client.chat.completions.create(model=LLM_MODEL, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hi."}])
+    assert reply.choices[0].message.content.strip()
+    streamed = client.chat.completions.create(model=LLM_MODEL, max_tokens=8, temperature=0,
+                                              stream=True,
+                                              messages=[{"role": "user", "content": "Say hi."}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip()
+    wav = tts(b, "The door is open.")
+    heard = client.audio.transcriptions.create(model="whisper-1",
+                                               file=("speech.wav", wav, "audio/wav"))
+    assert "door" in heard.text.lower(), heard.text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[])
+    kinds = {(e["consumer"], e["kind"]) for e in events(b) if e["type"] == "job"}
+    assert {("llama", "chat/completions"), ("faster-whisper", "audio/transcriptions")} <= kinds
+    assert_no_job_failed(b)
+    client.close()
 
 
 def test_a_fresh_broker_settles_a_router_llama_server_with_no_model_running(services, start):

@@ -12,6 +12,7 @@ not fit together show a simulated OOM if the broker ever lets them overlap.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import time
 
 from .consumers import ModelServer, SimGpu, SimOom, _sse_chunk, oom_reply, wav_bytes
@@ -24,9 +25,10 @@ class OpenAISim(ModelServer):
     work_s = 0.1
 
     def __init__(self, gpu: SimGpu, name: str, models: list[str], *, resident_mib: int,
-                 **kw):
+                 accepts: list[str] | None = None, **kw):
         self.name = name
-        self.models = list(models)
+        self.models = list(models)                     # what /v1/models lists
+        self.accepts = list(accepts or models)         # names or globs it serves
         self.resident_mib = resident_mib
         self.asked_for: list[str] = []     # the model of each GPU request, in order
         super().__init__(gpu, **kw)
@@ -46,7 +48,7 @@ class OpenAISim(ModelServer):
 
     def _start(self, model: str) -> Reply | None:
         """Load if need be; a reply if the request cannot be served."""
-        if model not in self.models:
+        if not any(fnmatch.fnmatchcase(model, pattern) for pattern in self.accepts):
             return Reply.json({"error": {"message": f"model {model!r} not found",
                                          "type": "invalid_request_error", "code": None}}, 404)
         self.asked_for.append(model)
