@@ -10,6 +10,8 @@ Each part owns one thing (docs/design.md has the long form):
 - ``QueueOrder`` (order.py): priorities, affinity, wait estimates.
 - ``ConsumerRegistry`` and ``HealthMonitor`` (consumers.py): what the
   broker believes of each consumer, and the probes that keep it true.
+- ``ProgramLeases`` (program_leases.py): GPU leases for programs the
+  broker does not proxy.
 - ``ModelDirectory`` (models.py): which consumer serves a model, for the
   OpenAI door.
 - ``Stats`` (stats.py): counters, events, the job log.
@@ -33,6 +35,7 @@ from .device import Gpu
 from .errors import UnknownConsumer, UnknownKind
 from .gpu import GpuReader
 from .job import Job, Jobs
+from .program_leases import ProgramLeases
 from .models import ModelDirectory
 from .order import QueueOrder
 from .proxy import UpstreamPool
@@ -61,7 +64,9 @@ class Broker:
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s,
                                     on_probe=self.models.probed)
         attribute = MemoryAttribution(config, self.registry, self.stats)
-        self.gpu = Gpu(config, clock, held_mib=self.registry.held_mib, reader=reader,
+        # On a ledger, a leased program's vram_mib is counted held while it holds the GPU.
+        self.gpu = Gpu(config, clock, held_mib=lambda: self.registry.held_mib()
+                       + self.leases.held_mib(), reader=reader,
                        on_expired=lambda lease: self.jobs.expired(lease), on_sample=attribute)
         self.order = QueueOrder(config, self.registry, latest=self.gpu.sampler.latest,
                                 live=self.gpu.live)
@@ -72,6 +77,7 @@ class Broker:
                               self.stats, attribute)
         self.jobs = Jobs(config, self.registry, self.actions, self.gpu, self.order, self.room,
                          self.stats, clock)
+        self.leases = ProgramLeases(self.jobs, clock)
         self.view = StatusView(config, self.registry, self.health, self.gpu, self.order,
                                self.stats, clock)
         # Possibly loaded is counted held until settled. One that can be
@@ -128,7 +134,11 @@ class Broker:
         return self.view.liveness()
 
     def status(self) -> dict:
-        return self.view.status(config_error=self.config_error, shutting_down=self.shutting_down)
+        status = self.view.status(config_error=self.config_error,
+                                  shutting_down=self.shutting_down)
+        now = self.clock.now()
+        status["leases"] = [lease.to_json(now) for lease in self.leases.held()]
+        return status
 
     # -- the broker's own threads ------------------------------------------------------
 
@@ -184,11 +194,15 @@ class Broker:
         log.info("stopping: serving the queue for %.0f s more", left - margin)
         self.shutting_down = True
         self._stop.wait(max(0.0, left - margin))
+        # A leased program's turn ends with the worker that keeps it (a
+        # reload too: the lock is this process's), as late as it can.
+        self.leases.end_all()
         self.gpu.lock.close("the broker is stopping; this job could not run before it does")
 
     def stop(self) -> None:
         self._stop.set()
         self._shutdown_requested.set()
+        self.leases.end_all()
         self.health.stop()
         self.gpu.stop()
         self.upstream.close()

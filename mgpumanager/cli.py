@@ -1,4 +1,4 @@
-"""The ``mgpumanager`` command: serve, check-config, demo."""
+"""The ``mgpumanager`` command: serve, check-config, demo, run."""
 
 from __future__ import annotations
 
@@ -51,6 +51,23 @@ def cmd_demo(args) -> int:
                     any_ports=args.any_ports)
 
 
+def cmd_run(args) -> int:
+    from .runner import DEFAULT_URL, EXIT_REFUSED, read_token, run
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("mgpumanager run: no command (mgpumanager run [options] -- CMD ARGS...)",
+              file=sys.stderr)
+        return 2
+    try:
+        token = read_token(args.token_file)
+    except OSError as e:
+        print(f"mgpumanager run: --token-file: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    return run(cmd, url=args.url or os.environ.get("MGPUMANAGER_URL") or DEFAULT_URL,
+               vram_mib=args.vram, label=args.label, ttl_s=args.ttl, wait_max_s=args.wait_max,
+               grace_s=args.grace, token=token)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mgpumanager",
                                 description="One HTTP door to several local GPU services.")
@@ -71,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
     d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("run", help="run a command under a GPU lease: it waits its turn, room "
+                       "is made for --vram, the GPU is held until it exits",
+                       usage="mgpumanager run [options] -- CMD ARGS...")
+    r.add_argument("--url", help="the broker (default $MGPUMANAGER_URL or http://127.0.0.1:8770)")
+    r.add_argument("--vram", type=int, default=0, metavar="MIB",
+                   help="VRAM to make room for, in MiB (default 0)")
+    r.add_argument("--label", help="shown in the status (default: the command's name)")
+    r.add_argument("--ttl", type=float, metavar="S",
+                   help="end the lease (and stop the command) after S seconds "
+                        "(default: scheduler.job_timeout_s)")
+    r.add_argument("--wait-max", type=float, metavar="S",
+                   help="give up (exit 75) after waiting S seconds for the GPU")
+    r.add_argument("--grace", type=float, default=10.0, metavar="S",
+                   help="after the lease ends: SIGTERM, then SIGKILL after S seconds (default 10)")
+    r.add_argument("--token-file", metavar="PATH",
+                   help="the broker's auth_token, read from this file (else $MGPUMANAGER_TOKEN)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    r.set_defaults(func=cmd_run)
     args = p.parse_args(argv)
     return args.func(args)
 

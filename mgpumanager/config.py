@@ -86,6 +86,10 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                       "'_' and '-' (it appears in /upstream/<name>/ URLs), starting with a "
                       "letter or digit", name)
             continue
+        if name in RESERVED_CONSUMERS:
+            r.problem(key_path("consumers", name), "a consumer name other than "
+                      f"{' or '.join(sorted(RESERVED_CONSUMERS))} (the GPU leases' own)", name)
+            continue
         c = _read_consumer(r, name, node, names)
         if c is not None:
             consumers[c.name] = c
@@ -137,6 +141,9 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
 # names could never be reached, or would shadow the broker's own route.
 RESERVED_KINDS = frozenset({"chat", "completions", "embeddings", "audio", "images", "models",
                             "leases", "status", "events", "consumers", "metrics"})
+
+
+RESERVED_CONSUMERS = frozenset({"lease", "leases"})
 
 
 def _check_model_claims(r: _Reader, consumers: dict[str, ConsumerConfig]) -> None:

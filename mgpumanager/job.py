@@ -27,21 +27,27 @@ from .errors import (Abandoned, BadRequest, BrokerError, ConsumerCoolingDown, Co
                      UnloadFailed)
 from .lease import JOB_TIMEOUT, Lease, LeaseCut
 from .order import QueueOrder
-from .room import RoomMaker
+from .room import RoomMaker, Tenant
 from .stats import Stats
 
 log = logging.getLogger("mgpumanager.job")
+
+# A GPU lease's job: its kind, and the name its program has in the planner.
+LEASE_KIND = "lease"
 
 
 class Job:
     """One GPU job: what it is for, and its lease on the GPU."""
 
-    def __init__(self, jobs: "Jobs", lease: Lease, consumer: str, kind: str | None):
+    def __init__(self, jobs: "Jobs", lease: Lease, consumer: str, kind: str | None,
+                 tenant: Tenant | None = None):
         self._jobs = jobs
         self.lease = lease
         lease.job = self
         self.consumer = consumer
         self.kind = kind
+        self.tenant = tenant                 # a GPU lease's program, not a consumer
+        self.on_finish: Callable[[], None] | None = None   # after it is recorded
         self.started = lease.granted_at
         self.evicted: list[str] = []
         self.was_loaded: bool | None = None  # its consumer's state as the job began
@@ -99,12 +105,22 @@ class Jobs:
         self.stats.job_started(job.wait_s)
         return job
 
+    def start_lease(self, tenant: Tenant, label: str,
+                    cancelled: Callable[[], bool] | None = None) -> Job:
+        """A GPU lease for a program the broker does not proxy: the same
+        queue, deadline and room making as a job, for ``tenant.vram_mib``."""
+        job = self._room_for(tenant.name, LEASE_KIND, label, cancelled, tenant)
+        job.started = self.clock.now()
+        self.stats.job_started(job.wait_s)
+        return job
+
     def _room_for(self, consumer: str, kind: str | None, label: str,
-                  cancelled: Callable[[], bool] | None) -> Job:
+                  cancelled: Callable[[], bool] | None, tenant: Tenant | None = None) -> Job:
         """Health, the turn, room made: a Job holding the GPU (not yet counted as begun)."""
         deadline = self.clock.now() + self.config.scheduler.queue_timeout_s
         try:
-            self.check_healthy(consumer, kind)
+            if tenant is None:
+                self.check_healthy(consumer, kind)
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away before its job queued")
             priority = self.order.priority(consumer, kind)
@@ -113,9 +129,10 @@ class Jobs:
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
-        job = Job(self, lease, consumer, kind)
+        job = Job(self, lease, consumer, kind, tenant)
         try:
-            self.room.make_room(consumer, lease, deadline, cancelled, evicted=job.evicted)
+            self.room.make_room(consumer, lease, deadline, cancelled, evicted=job.evicted,
+                                tenant=tenant)
         except BaseException as e:
             lease.release()
             if isinstance(e, LeaseCut):
@@ -146,7 +163,7 @@ class Jobs:
 
     def _refused(self, e: BrokerError, consumer: str, kind: str | None) -> None:
         self.stats.refused(e, consumer, kind)
-        if not isinstance(e, Abandoned):
+        if not isinstance(e, Abandoned) and consumer in self.config.consumers:
             self.registry.job_refused(consumer)
 
     # -- finish ------------------------------------------------------------------
@@ -155,9 +172,10 @@ class Jobs:
                bytes_in: int, bytes_out: int, error: str | None, hold_busy: bool) -> None:
         run_s = self.clock.now() - job.started
         job.ran_ok = ran_ok = ok and reached is True
-        self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
+        if job.tenant is None:
+            self.registry.job_finished(job.consumer, ok=ok, reached=reached, error=error)
         self.stats.job_counted(job.consumer, ok, run_s)
-        busy = self.config.consumers[job.consumer].busy
+        busy = self.config.consumers[job.consumer].busy if job.tenant is None else None
         if busy is not None and hold_busy and reached is not False:
             # The consumer may still be working on the GPU (ComfyUI renders
             # after /prompt returns, and goes on when its client has left):
@@ -172,9 +190,13 @@ class Jobs:
         fields = {"consumer": job.consumer, "kind": job.kind, "status": status, "ok": ok,
                   "wait_ms": round(job.wait_s * 1000, 1), "run_ms": round(run_s * 1000, 1),
                   "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted}
+        if job.tenant is not None:
+            fields["label"] = job.lease.label
         if error:
             fields["error"] = error
         self.stats.job_done(fields)
+        if job.on_finish is not None:
+            job.on_finish()
 
     def _release(self, job: Job, ran_ok: bool) -> None:
         released_at = self.clock.now()    # before the hand-off: it is the next job's time
@@ -186,7 +208,7 @@ class Jobs:
             if job.run_recorded:
                 return
             job.run_recorded = True
-        if ran_ok and job.was_loaded is not None:
+        if ran_ok and job.was_loaded is not None and job.tenant is None:
             # Its hold, busy time included, is what the next job waits for;
             # from an unknown state, it is neither a warm run nor a load.
             self.registry.record_run(job.consumer, released_at - job.started,

@@ -30,6 +30,10 @@ log = logging.getLogger("mgpumanager.models")
 # apart. An unknown name asks again at once, at most this often.
 REFRESH_S = 30.0
 REFRESH_ON_MISS_S = 2.0
+# The routes of the door (POST /v1/<route>), and every path whose errors are OpenAI's.
+OPENAI_ROUTES = ("chat/completions", "completions", "embeddings", "audio/speech",
+                 "audio/transcriptions", "audio/translations", "images/generations")
+OPENAI_PATHS = frozenset({*(f"/v1/{r}" for r in OPENAI_ROUTES), "/v1/models"})
 # What a multipart part's value may hold to be a model name.
 MODEL_FIELD_MAX = 1024
 PART_HEAD_MAX = 16 * 1024

@@ -38,6 +38,28 @@ log = logging.getLogger("mgpumanager.room")
 UNSURE_SETTLE_S = 1.5
 
 
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    """A program the broker does not proxy (a GPU lease), as the planner
+    sees it: ``vram_mib`` to make room for, and the consumers it may stay
+    beside (none unless named)."""
+    name: str
+    vram_mib: int
+    coexist: frozenset[str] = frozenset()
+
+    def view(self) -> ConsumerView:
+        return ConsumerView(self.name, self.vram_mib, loaded=False, last_used=None)
+
+    def may_coexist(self, others: Callable[[str, str], bool]) -> Callable[[str, str], bool]:
+        def may(a: str, b: str) -> bool:
+            if a == self.name:
+                return b in self.coexist
+            if b == self.name:
+                return a in self.coexist
+            return others(a, b)
+        return may
+
+
 def settleable(c: ConsumerConfig, live: bool) -> bool:
     """Whether a consumer's unknown state can be settled: by unloading it,
     or by asking (a list of its models, its processes on a live reading; a
@@ -153,11 +175,13 @@ class RoomMaker:
 
     def make_room(self, target: str, lease: Lease, deadline: float,
                   cancelled: Callable[[], bool] | None = None, *,
-                  evicted: list[str] | None = None) -> list[str]:
+                  evicted: list[str] | None = None, tenant: Tenant | None = None) -> list[str]:
         """Unload what may not stay beside ``target`` until it fits, then load
         it. Each victim is appended to ``evicted`` as it goes (the status
         page shows them mid-swap); the list is returned. Raises
-        InsufficientVram, Abandoned, or LeaseCut (the lease was cut under it)."""
+        InsufficientVram, Abandoned, or LeaseCut (the lease was cut under it).
+        With ``tenant`` (a GPU lease), the target is that program: room is
+        made for its ``vram_mib`` and nothing is loaded."""
         clock, sched, reader = self.clock, self.config.scheduler, self.gpu.reader
         evicted = [] if evicted is None else evicted
         # Unloaded (or tried) once for this job: never again. A consumer
@@ -196,7 +220,9 @@ class RoomMaker:
             self._check_beliefs(views, reading)
             for name in tried:
                 views[name] = dataclasses.replace(views[name], can_unload=False)
-            plan = self.plan(target, views, reading)
+            if tenant is not None:
+                views[target] = tenant.view()
+            plan = self.plan(target, views, reading, tenant)
             if not asked and (plan.contradicted or not plan.fits):
                 asked = True
                 self.health.ask_all(self.config.health.timeout_s)
@@ -251,17 +277,20 @@ class RoomMaker:
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away while its job waited for VRAM")
             clock.sleep(min(1.0, max(0.0, deadline - clock.now())))
-        c = self.config.consumers[target]
-        if c.load is not None and self.registry.loaded(target) is not True:
+        c = self.config.consumers.get(target) if tenant is None else None
+        if c is not None and c.load is not None and self.registry.loaded(target) is not True:
             lease.check()
             self.swaps.load(target, deadline, lease)
         return evicted
 
-    def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading):
+    def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading,
+             tenant: Tenant | None = None):
         """What making room for target takes, by this reading and these beliefs."""
+        coexist = self.config.may_coexist if tenant is None else \
+            tenant.may_coexist(self.config.may_coexist)
         return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
-                         cushion_mib=self.config.gpu.cushion_mib,
-                         coexist=self.config.may_coexist, live=self.gpu.live)
+                         cushion_mib=self.config.gpu.cushion_mib, coexist=coexist,
+                         live=self.gpu.live)
 
     def _wait_until_idle(self, deadline: float) -> None:
         """Before this broker's first job: a service may still work for the

@@ -114,9 +114,14 @@ class Stats:
 
     def job_done(self, fields: dict) -> None:
         """One finished job's event and log line, written after the release."""
-        self.events.add("job", f"{fields['consumer']} {fields['kind'] or 'upstream'} job "
-                        f"{'finished' if fields['ok'] else 'failed'} ({fields['status']}) after "
-                        f"{fields['run_ms']:.0f} ms, waited {fields['wait_ms']:.0f} ms", **fields)
+        if "label" in fields:           # a GPU lease
+            what = (f"{fields['label']} held the GPU for {fields['run_ms']:.0f} ms, "
+                    f"waited {fields['wait_ms']:.0f} ms")
+        else:
+            what = (f"{fields['consumer']} {fields['kind'] or 'upstream'} job "
+                    f"{'finished' if fields['ok'] else 'failed'} ({fields['status']}) after "
+                    f"{fields['run_ms']:.0f} ms, waited {fields['wait_ms']:.0f} ms")
+        self.events.add("job", what, **fields)
         # With log_format json, JsonFormatter merges ``fields`` into the line.
         job_log.info("job consumer=%s kind=%s status=%s wait_ms=%s run_ms=%s bytes_in=%s "
                      "bytes_out=%s evicted=%s", fields["consumer"], fields["kind"],

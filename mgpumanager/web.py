@@ -33,7 +33,7 @@ from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFo
                      PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
                      UpstreamBadResponse)
 from .lease import Exchange
-from .models import model_of
+from .models import OPENAI_PATHS
 from .metrics import render as render_metrics
 from .client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
 from .proxy import StreamedBody, request_headers, response_headers, status_line
@@ -289,47 +289,6 @@ def facade(kind: str):
     b = broker()
     name = b.consumer_for_kind(kind)
     return proxy(name, kind, b.config.consumers[name].paths[kind], gpu=True)
-
-
-# -- the OpenAI door: one base URL, routed by the request's model --------------------
-
-OPENAI_ROUTES = ("chat/completions", "completions", "embeddings", "audio/speech",
-                 "audio/transcriptions", "audio/translations", "images/generations")
-OPENAI_PATHS = frozenset({*(f"/v1/{r}" for r in OPENAI_ROUTES), "/v1/models"})
-
-
-def openai_door(route: str) -> Response:
-    b = broker()
-    body = spooled_body(None, route)
-    try:
-        model = model_of(body.chunks if body is not None else lambda: iter(()),
-                         body.size if body is not None else 0, request.content_type or "")
-        name = b.models.consumer_for(model)
-        b.check_consumer(name)
-    except BrokerError as e:
-        if body is not None:
-            body.close()
-        if e.status < 500:
-            b.client_error(e, None, route)
-        raise
-    query = request.environ.get("QUERY_STRING")
-    target = f"{b.config.consumers[name].openai_base}/{route}" + (f"?{query}" if query else "")
-    return gpu_job(name, route, target, body)
-
-
-for _route in OPENAI_ROUTES:
-    bp.add_url_rule(f"/v1/{_route}", f"openai_{_route.replace('/', '_')}",
-                    lambda _route=_route: openai_door(_route), methods=["POST"])
-
-
-@bp.get("/v1/models")
-def models():
-    """OpenAI's model list: every concrete name each consumer serves."""
-    b = broker()
-    data = [{"id": model, "object": "model", "created": 0, "owned_by": name,
-             "loaded": b.registry.loaded(name)}
-            for model, name in b.models.listing()]
-    return jsonify({"object": "list", "data": data})
 
 
 @bp.route("/upstream/<name>", defaults={"path": ""}, methods=ALL_METHODS,

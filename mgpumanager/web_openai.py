@@ -1,0 +1,48 @@
+"""The OpenAI door's views: one base URL for every OpenAI client, each
+request routed by its ``model`` (models.py decides which consumer) and run
+as a GPU job of that consumer (web.gpu_job). Errors on these paths have
+OpenAI's shape (web.error_response)."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify, request
+
+from .errors import BrokerError
+from .models import OPENAI_ROUTES, model_of
+from .web import bp, broker, gpu_job, spooled_body
+
+
+def openai_door(route: str) -> Response:
+    b = broker()
+    body = spooled_body(None, route)
+    try:
+        model = model_of(body.chunks if body is not None else lambda: iter(()),
+                         body.size if body is not None else 0, request.content_type or "")
+        name = b.models.consumer_for(model)
+        b.check_consumer(name)
+    except BrokerError as e:
+        if body is not None:
+            body.close()
+        if e.status < 500:
+            b.client_error(e, None, route)
+        raise
+    query = request.environ.get("QUERY_STRING")
+    target = f"{b.config.consumers[name].openai_base}/{route}" + (f"?{query}" if query else "")
+    return gpu_job(name, route, target, body)
+
+
+for _route in OPENAI_ROUTES:
+    bp.add_url_rule(f"/v1/{_route}", f"openai_{_route.replace('/', '_')}",
+                    lambda _route=_route: openai_door(_route), methods=["POST"])
+
+
+@bp.get("/v1/models")
+def models():
+    """OpenAI's model list: every concrete name each consumer serves."""
+    b = broker()
+    data = [{"id": model, "object": "model", "created": 0, "owned_by": name,
+             "loaded": b.registry.loaded(name)}
+            for model, name in b.models.listing()]
+    return jsonify({"object": "list", "data": data})
+
+

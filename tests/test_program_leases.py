@@ -1,0 +1,205 @@
+"""GPU leases for programs the broker does not proxy: POST /v1/leases and
+`mgpumanager run -- CMD`, in the same queue as every GPU job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import (background, deep_merge, hold_gpu, queued_depth, sim_config, wait_idle,
+                      wait_until)
+from mgpumanager.config import ConfigError, parse_config
+from mgpumanager.runner import EXIT_LEASE_ENDED, EXIT_REFUSED, EXIT_TRY_LATER
+
+IMAGE = {"json": {"prompt": {"1": {}}}}
+
+
+def running(b):
+    return b.status()["scheduler"]["running"]
+
+
+def mgpumanager_run(b, *args, env=None, **kw):
+    """`mgpumanager run` against broker ``b``, as a child process."""
+    return subprocess.Popen([sys.executable, "-m", "mgpumanager.cli", "run", "--url", b.url,
+                             *args], env=env or dict(os.environ, MGPUMANAGER_TOKEN=""),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def finished(p, timeout=15) -> tuple[int, bytes]:
+    """Its exit status and what it said on stderr."""
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def test_a_lease_makes_room_and_holds_the_gpu_until_deleted(broker, sim):
+    assert requests.post(broker.url + "/v1/image", **IMAGE).ok
+    wait_idle(sim)
+    assert sim.comfyui.loaded
+    r = requests.post(broker.url + "/v1/leases", json={"vram_mib": 20000, "label": "train"})
+    assert r.status_code == 201, r.text
+    lease = r.json()
+    assert lease["evicted"] == ["comfyui"] and not sim.comfyui.loaded
+    assert r.headers["Location"].endswith(f"/v1/leases/{lease['id']}")
+    assert running(broker)["label"] == "lease:train" and running(broker)["kind"] == "lease"
+    assert [x["id"] for x in broker.status()["leases"]] == [lease["id"]]
+    # A job waits for it, in the same queue.
+    thread, out = background(lambda: requests.post(broker.url + "/v1/tts", json={"text": "hi"}))
+    wait_until(lambda: queued_depth(broker) == 1, what="the TTS job to queue")
+    time.sleep(0.2)
+    assert not sim.mvoice.requests_to("/api/tts")
+    assert requests.delete(broker.url + f"/v1/leases/{lease['id']}").status_code == 204
+    thread.join(10)
+    assert out["result"].status_code == 200
+    assert requests.delete(broker.url + f"/v1/leases/{lease['id']}").status_code == 404
+    done = [e for e in requests.get(broker.url + "/v1/events").json()["events"]
+            if e["type"] == "job" and e["kind"] == "lease"]
+    assert done[-1]["label"] == "lease:train" and done[-1]["run_ms"] >= 200
+
+
+def test_a_forgotten_lease_ends_at_its_ttl(broker):
+    r = requests.post(broker.url + "/v1/leases", json={"ttl_s": 0.5})
+    assert r.status_code == 201
+    wait_until(lambda: running(broker) is None, timeout=3, what="the lease to end at its ttl")
+    assert requests.get(broker.url + f"/v1/leases/{r.json()['id']}").status_code == 404
+
+
+def test_a_lease_that_can_never_fit_is_refused_at_once(broker):
+    t0 = time.monotonic()
+    r = requests.post(broker.url + "/v1/leases", json={"vram_mib": 100_000})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_vram"
+    assert time.monotonic() - t0 < 5 and running(broker) is None
+
+
+def test_a_lease_may_stay_beside_the_consumers_it_names(broker, sim):
+    assert requests.post(broker.url + "/v1/tts", json={"text": "x"}).ok
+    wait_idle(sim)
+    r = requests.post(broker.url + "/v1/leases", json={"vram_mib": 1000, "coexist": ["mvoice"]})
+    assert r.status_code == 201 and "mvoice" not in r.json()["evicted"]
+    assert sim.mvoice.loaded
+    requests.delete(broker.url + f"/v1/leases/{r.json()['id']}")
+
+
+@pytest.mark.parametrize("body,says", [
+    ({"vram_mib": -1}, "vram_mib"),
+    ({"vram_mib": "8000"}, "vram_mib"),
+    ({"vram_mib": 1.5}, "vram_mib"),
+    ({"ttl_s": 0}, "ttl_s"),
+    ({"ttl_s": 100_000}, "ttl_s: seconds in (0, 1800]"),
+    ({"ttl_s": "1"}, "ttl_s"),
+    ({"coexist": ["nobody"]}, "coexist"),
+    ({"label": "x" * 65}, "label"),
+    ({"vram": 1}, "unknown keys"),
+    ([1], "JSON object"),
+])
+def test_bad_lease_requests_are_400_naming_what_was_expected(broker, body, says):
+    r = requests.post(broker.url + "/v1/leases", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+    assert says in r.json()["error"]["message"]
+    assert running(broker) is None
+
+
+def test_an_unknown_lease_is_404(broker):
+    assert requests.delete(broker.url + "/v1/leases/nope").status_code == 404
+    assert requests.get(broker.url + "/v1/leases/nope").json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("name", ["lease", "leases"])
+def test_consumers_named_like_the_leases_are_refused(sim, name):
+    cfg = sim_config(sim)
+    cfg["consumers"][name] = cfg["consumers"].pop("mvoice")
+    cfg["routes"]["tts"] = name
+    with pytest.raises(ConfigError) as raised:
+        parse_config(cfg)
+    assert f"consumers.{name}" in str(raised.value)
+
+
+# -- mgpumanager run, against the broker under gunicorn -------------------------------
+
+@pytest.mark.gunicorn
+def test_run_holds_a_lease_while_the_command_runs_and_passes_its_status(broker, sim):
+    p = mgpumanager_run(broker, "--vram", "20000", "--label", "encode", "--",
+                        sys.executable, "-c", "import os, sys; print(os.environ"
+                        "['MGPUMANAGER_LEASE_ID']); import time; time.sleep(0.5); sys.exit(7)")
+    wait_until(lambda: running(broker) is not None, what="the lease to be held")
+    assert running(broker)["label"] == "lease:encode"
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 7, err
+    assert len(out.strip()) == 16                  # the lease's id, in the command's environment
+    wait_until(lambda: running(broker) is None, timeout=3, what="the lease to end")
+
+
+@pytest.mark.gunicorn
+def test_sigkill_of_the_wrapper_frees_the_gpu_within_seconds(broker):
+    p = mgpumanager_run(broker, "--", "sleep", "30", start_new_session=True)
+    wait_until(lambda: running(broker) is not None, what="the lease to be held")
+    p.send_signal(signal.SIGKILL)
+    p.wait(5)
+    p.stdout.close()                               # the orphaned sleep holds them open
+    p.stderr.close()
+    t0 = time.monotonic()
+    try:
+        wait_until(lambda: running(broker) is None, timeout=3, what="the GPU to be free")
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)       # the orphaned sleep
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.gunicorn
+def test_a_lease_that_ends_first_stops_the_command(broker):
+    t0 = time.monotonic()
+    p = mgpumanager_run(broker, "--ttl", "0.5", "--grace", "1", "--", "sleep", "30")
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == EXIT_LEASE_ENDED, err
+    assert b"lease ended first (ttl)" in err and time.monotonic() - t0 < 8
+
+
+@pytest.mark.gunicorn
+def test_run_waits_its_turn_and_a_full_queue_says_try_later(broker_with):
+    b = broker_with({"scheduler": {"max_queue": 2}})
+    held = hold_gpu(b)
+    waiting = mgpumanager_run(b, "--", "true")
+    wait_until(lambda: queued_depth(b) == 1, what="the wrapper to queue")
+    code, err = finished(mgpumanager_run(b, "--wait-max", "0.5", "--", "true"))
+    assert code == EXIT_TRY_LATER and b"--wait-max" in err
+    wait_until(lambda: queued_depth(b) == 1, what="the bounded wrapper to leave the queue")
+    second = mgpumanager_run(b, "--", "true")
+    wait_until(lambda: queued_depth(b) == 2, what="a second wrapper to queue")
+    code, err = finished(mgpumanager_run(b, "--", "true"))
+    assert code == EXIT_TRY_LATER and b"queue_full" in err
+    held.close()
+    assert finished(waiting)[0] == 0 and finished(second)[0] == 0
+
+
+@pytest.mark.gunicorn
+def test_run_reads_the_token_from_a_file_or_the_environment(sim, start_broker, tmp_path):
+    token = "s3cret-token-0123456789"
+    b = start_broker(deep_merge(sim_config(sim), {"server": {"auth_token": token}}))
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    assert finished(mgpumanager_run(b, "--token-file", str(token_file), "--", "true"))[0] == 0
+    env = dict(os.environ, MGPUMANAGER_TOKEN=token)
+    assert finished(mgpumanager_run(b, "--", "true", env=env))[0] == 0
+    code, err = finished(mgpumanager_run(b, "--", "true",
+                                         env=dict(os.environ, MGPUMANAGER_TOKEN="wrong")))
+    assert code == EXIT_REFUSED and b"unauthorized" in err
+
+
+def test_run_without_a_broker_says_try_later(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mgpumanager.cli", "run", "--url",
+                        "http://127.0.0.1:9", "--", "true"], capture_output=True, timeout=15)
+    assert p.returncode == EXIT_TRY_LATER and b"no broker answered" in p.stderr
+
+
+def test_the_lease_kind_is_counted_in_metrics(broker):
+    r = requests.post(broker.url + "/v1/leases", json={"ttl_s": 5})
+    requests.delete(broker.url + f"/v1/leases/{r.json()['id']}")
+    text = requests.get(broker.url + "/metrics").text
+    assert 'mgpumanager_jobs_total{consumer="lease",outcome="ok"} 1.0' in text
+
