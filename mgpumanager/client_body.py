@@ -6,6 +6,9 @@ after a refusal, and watched for a client that hangs up while it waits.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import mmap
 import select
 import socket
 import tempfile
@@ -118,6 +121,19 @@ class SpooledBody:
             if not data:
                 return
             yield data
+
+    @contextlib.contextmanager
+    def view(self):
+        """The whole body as one buffer, without a copy: the memory spool's
+        own bytes, or the file mapped read-only (pages read as touched)."""
+        inner = self.file._file        # SpooledTemporaryFile's: a BytesIO until it rolls over
+        if isinstance(inner, io.BytesIO):
+            with inner.getbuffer() as buf:
+                yield buf
+        else:
+            self.file.flush()
+            with mmap.mmap(inner.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                yield mapped
 
     def close(self) -> None:
         self.file.close()

@@ -33,7 +33,7 @@ from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFo
                      PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
                      UpstreamBadResponse)
 from .lease import Exchange
-from .models import OPENAI_PATHS
+from .models import is_openai_path
 from .metrics import render as render_metrics
 from .client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
 from .proxy import StreamedBody, request_headers, response_headers, status_line
@@ -412,7 +412,7 @@ def index():
 # -- errors ---------------------------------------------------------------------
 
 def error_response(e: BrokerError) -> Response:
-    openai = request.path in OPENAI_PATHS
+    openai = is_openai_path(request.path)
     resp = jsonify(e.to_openai_json() if openai else e.to_json())
     resp.status_code = e.status
     if e.retry_after is not None:

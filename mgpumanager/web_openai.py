@@ -16,8 +16,7 @@ def openai_door(route: str) -> Response:
     b = broker()
     body = spooled_body(None, route)
     try:
-        model = model_of(body.chunks if body is not None else lambda: iter(()),
-                         body.size if body is not None else 0, request.content_type or "")
+        model = model_of(body, request.content_type or "")
         name = b.models.consumer_for(model)
         b.check_consumer(name)
     except BrokerError as e:
@@ -44,5 +43,14 @@ def models():
              "loaded": b.registry.loaded(name)}
             for model, name in b.models.listing()]
     return jsonify({"object": "list", "data": data})
+
+
+@bp.get("/v1/models/<path:model>")
+def model(model: str):
+    """One model of the list (the openai SDK's ``models.retrieve``)."""
+    b = broker()
+    name = b.models.consumer_for(model)
+    return jsonify({"id": model, "object": "model", "created": 0, "owned_by": name,
+                    "loaded": b.registry.loaded(name)})
 
 

@@ -3,15 +3,21 @@ each request a GPU job under the one lock. Driven by the real openai SDK."""
 
 import io
 import threading
+import time
+import tracemalloc
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
 import requests
+from werkzeug.formparser import parse_form_data
 
 from conftest import (TIME_SCALE, background, deep_merge, hold_gpu, queued_depth,
                       sim_config, wait_idle, wait_until)
+from mgpumanager.client_body import SpooledBody
 from mgpumanager.config import ConfigError, parse_config
-from mgpumanager.models import _multipart_field, model_of
+from mgpumanager.errors import BadRequest
+from mgpumanager.models import _multipart_fields, model_of
 from mgpumanager.sim.consumers import wav_bytes
 from mgpumanager.sim.openai_sim import OpenAISim
 
@@ -203,8 +209,12 @@ def test_eight_clients_alternating_models_run_one_job_at_a_time(door, sim):
     wait_until(lambda: door.status()["scheduler"]["total_jobs"] >= 24, what="24 jobs counted")
 
 
-def test_a_long_unknown_model_name_is_answered_at_once_and_shown_cut(door):
+def test_a_long_model_name_is_answered_at_once_and_shown_cut(door):
     r = requests.post(door.url + "/v1/embeddings", json={"model": "m" * 1_000_000, "input": "x"},
+                      timeout=5)
+    assert r.status_code == 400 and len(r.content) < 2000
+    assert "over 1024 bytes" in r.json()["error"]["message"]
+    r = requests.post(door.url + "/v1/embeddings", json={"model": "m" * 1000, "input": "x"},
                       timeout=5)
     assert r.status_code == 404 and len(r.content) < 2000
     assert r.json()["error"]["code"] == "model_not_found"
@@ -239,6 +249,17 @@ def test_kinds_named_like_the_brokers_own_routes_are_refused(kind):
     assert f"routes.{kind}" in str(raised.value)
 
 
+def model_in(data: bytes, content_type: str) -> str:
+    """model_of on ``data`` as the GPU job's spool keeps it."""
+    body = SpooledBody()
+    try:
+        body.file.write(data)
+        body.size = len(data)
+        return model_of(body, content_type)
+    finally:
+        body.close()
+
+
 def _form(fields, boundary="XyZ"):
     out = b""
     for name, value, filename in fields:
@@ -253,11 +274,189 @@ def test_the_model_field_is_found_across_any_chunk_boundary(chunk):
     body = _form([("file", b"--XyZx\r\n" * 50, "a.wav"),
                   ("model", b"whisper-1", None), ("language", b"en", None)])
     pieces = (body[i:i + chunk] for i in range(0, len(body), chunk))
-    assert _multipart_field(pieces, b"XyZ", b"model") == "whisper-1"
+    assert _multipart_fields(pieces, b"XyZ", "model") == ["whisper-1"]
 
 
 def test_a_multipart_body_without_a_model_field_is_a_bad_request():
     body = _form([("file", b"abc", "a.wav")])
-    with pytest.raises(Exception) as raised:
-        model_of(lambda: iter([body]), len(body), "multipart/form-data; boundary=XyZ")
-    assert raised.value.code == "bad_request"
+    with pytest.raises(BadRequest):
+        model_in(body, "multipart/form-data; boundary=XyZ")
+
+
+# -- found by attacking the door: bodies that mislead, services that list a lot ----
+
+def _werkzeug_model(body: bytes, ct: str):
+    """What a standard multipart parser (Flask's own) reads as the model field."""
+    env = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": ct, "CONTENT_LENGTH": str(len(body)),
+           "wsgi.input": io.BytesIO(body)}
+    _, form, files = parse_form_data(env)
+    for f in files.values():
+        f.close()
+    return form.getlist("model")
+
+
+def test_json_model_lookup_does_not_blow_up_memory():
+    """max_body_mib defaults to 1024: parsed whole, a 1 GiB JSON body of '[],'
+    would become ~19 GB of Python lists in one request thread."""
+    body = b'{"model":"alpha","x":[' + b"[]," * ((1 << 20) // 4) + b'[]]}'
+    tracemalloc.start()
+    try:
+        assert model_in(body, "application/json") == "alpha"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    n = len(body)
+    del body
+    assert peak < 4 * n, f"peak {peak >> 20} MiB for a {n >> 20} MiB body"
+
+
+# The multipart scanner reads the model a standard parser reads.
+
+def _part(disp_extra: str, value: bytes, extra_head: str = "") -> bytes:
+    return (f"--XyZ\r\n{extra_head}Content-Disposition: form-data; {disp_extra}\r\n\r\n"
+            .encode() + value + b"\r\n")
+
+
+SCANNER_CASES = {
+    # a file whose filename holds '; name=model': the greedy regex takes the last name=
+    "filename_with_name_param": (
+        _part('name="file"; filename="a; name=model"', b"alpha")
+        + _part('name="model"', b"beta") + b"--XyZ--\r\n",
+        "multipart/form-data; boundary=XyZ"),
+    # another header line mentioning content-disposition: the regex is not anchored
+    "other_header_mentions_disposition": (
+        _part('name="file"; filename="a.wav"', b"alpha",
+              extra_head='X-Note: content-disposition: x; name="model"\r\n')
+        + _part('name="model"', b"beta") + b"--XyZ--\r\n",
+        "multipart/form-data; boundary=XyZ"),
+    # parameter names are case-insensitive (RFC 2045 5.1)
+    "uppercase_boundary_param": (
+        _part('name="model"', b"beta") + b"--XyZ--\r\n",
+        "multipart/form-data; BOUNDARY=XyZ"),
+    # the first 'boundary=' anywhere in the header, even inside another parameter
+    "boundary_inside_other_param": (
+        b"--evil\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nalpha\r\n--evil--\r\n"
+        + _part('name="model"', b"beta") + b"--XyZ--\r\n",
+        "multipart/form-data; x-boundary=evil; boundary=XyZ"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCANNER_CASES))
+def test_scanner_reads_the_model_a_standard_parser_reads(case):
+    body, ct = SCANNER_CASES[case]
+    assert _werkzeug_model(body, ct) == ["beta"]
+    try:
+        got = model_in(body, ct)
+    except BadRequest as e:
+        got = f"BadRequest: {e.message}"
+    assert got == "beta"
+
+
+def test_a_filename_param_routes_the_upload_to_the_wrong_consumer(door):
+    body, ct = SCANNER_CASES["filename_with_name_param"]
+    r = requests.post(door.url + "/v1/audio/transcriptions", data=body,
+                      headers={"Content-Type": ct})
+    # The service reads model=beta; the broker routed it to llm-a, which refuses it
+    # (a real service would load a model the broker never accounted for).
+    assert door.servers["llm-a"].asked_for == []
+    assert r.status_code == 200, r.text
+
+
+def test_a_json_body_built_to_make_the_scan_slow_is_refused_in_bounded_time():
+    body = b'{"x":[' + b"[]," * (3 << 20) + b'[]],"model":"alpha"}'
+    t0 = time.monotonic()
+    with pytest.raises(BadRequest, match="too many parts"):
+        model_in(body, "application/json")
+    assert time.monotonic() - t0 < 5
+
+
+def test_two_different_model_fields_are_refused():
+    """werkzeug/Flask take the first model field, Starlette/FastAPI
+    (faster-whisper-server, Kokoro) the last: routing by either would be wrong."""
+    body = _part('name="model"', b"alpha") + _part('name="model"', b"beta") + b"--XyZ--\r\n"
+    with pytest.raises(BadRequest):
+        model_in(body, "multipart/form-data; boundary=XyZ")
+
+
+# A service that lists many names costs one dict per lookup.
+
+def test_models_listing_is_not_quadratic_in_listed_names(door):
+    door.servers["llm-b"].models = ["beta"] + [f"beta-{i:05d}" for i in range(20000)]
+    door.broker.models.refresh("llm-b")
+    assert len(door.broker.models._listed["llm-b"]) == 10_000     # LISTED_MAX
+    t0 = time.monotonic()
+    r = requests.get(door.url + "/v1/models", timeout=120)
+    took = time.monotonic() - t0
+    assert r.status_code == 200
+    assert took < 2.0, f"GET /v1/models took {took:.1f} s for 20k names"
+
+
+def test_unknown_model_404_is_not_quadratic_in_listed_names(door):
+    door.servers["llm-b"].models = ["beta"] + [f"beta-{i:05d}" for i in range(20000)]
+    door.broker.models.refresh("llm-b")
+    door.broker.models._asked_all_at = time.monotonic() + 3600    # no refresh: just the 404
+    t0 = time.monotonic()
+    r = requests.post(door.url + "/v1/embeddings", json={"model": "nope", "input": "x"},
+                      timeout=120)
+    took = time.monotonic() - t0
+    assert r.status_code == 404
+    assert took < 2.0, f"an unknown model's 404 took {took:.1f} s"
+
+
+# An unknown name asks every service at once, bounded by one timeout.
+
+class _Hanging(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/v1/models":
+            time.sleep(5)
+        data = b'{"ok": true, "data": []}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_unknown_model_does_not_wait_on_each_hanging_service_in_turn(door_with):
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Hanging) for _ in range(3)]
+    for s in servers:
+        s.daemon_threads = True
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    extra = {f"hang{i}": {"url": f"http://127.0.0.1:{s.server_port}", "health": "/health",
+                          "vram_resident_mib": 1,
+                          "models_from": {"path": "/v1/models", "list": "data", "name": "id"}}
+             for i, s in enumerate(servers)}
+    b = door_with({"consumers": extra})
+    b.broker.models._asked_all_at = float("-inf")
+    t0 = time.monotonic()
+    r = requests.post(b.url + "/v1/embeddings", json={"model": "nope", "input": "x"},
+                      timeout=30)
+    took = time.monotonic() - t0
+    for s in servers:
+        s.shutdown()
+    assert r.status_code == 404
+    # health.timeout_s is 1 s here: three hanging lists cost 3 s, serially, in the
+    # request's thread (one such thread every REFRESH_ON_MISS_S, for any client).
+    assert took < 1.5, f"an unknown model's 404 waited {took:.1f} s"
+
+
+# The door's neighbours answer in OpenAI's shape too.
+
+@pytest.mark.parametrize("method,path", [("POST", "/v1/chat/completions/"),
+                                         ("GET", "/v1/models/nope")])
+def test_door_neighbour_errors_are_openai_shaped(door, method, path):
+    r = requests.request(method, door.url + path, json={"model": "alpha"})
+    assert r.status_code in (404, 405)
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}, err
+
+
+# Valid JSON the service would take is routed.
+
+def test_valid_json_with_a_long_integer_is_routed_not_called_not_json():
+    """Python's int_max_str_digits (4300) makes json.loads raise ValueError on a
+    valid body; the service (llama.cpp, Go, Rust) would take it."""
+    body = b'{"model":"alpha","seed":1' + b"0" * 5000 + b"}"
+    assert model_in(body, "application/json") == "alpha"

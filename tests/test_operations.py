@@ -38,7 +38,9 @@ def test_slow_headers_cannot_starve_the_status_page(broker_with):
     for s in socks:
         s.sendall(b"X-Slow: 1\r\n")
     times = [status_time(b) for _ in range(5)]
-    assert max(times) < 1.0, times
+    # Starved, a status call would wait out client_timeout_s (30 s); a busy
+    # machine alone can stall one for a second.
+    assert max(times) < 5.0, times
     assert requests.get(b.url + "/healthz", timeout=5).ok
     for s in socks:
         s.close()
