@@ -67,7 +67,9 @@ class Broker:
         # On a ledger, a leased program's vram_mib is counted held while it holds the GPU.
         self.gpu = Gpu(config, clock, held_mib=lambda: self.registry.held_mib()
                        + self.leases.held_mib(), reader=reader,
-                       on_expired=lambda lease: self.jobs.expired(lease), on_sample=attribute)
+                       on_expired=lambda lease: self.jobs.expired(lease),
+                       on_sample=lambda reading, at: (attribute(reading, at),
+                                                      self.leases.measure(reading)))
         self.order = QueueOrder(config, self.registry, latest=self.gpu.sampler.latest,
                                 live=self.gpu.live)
         self.gpu.order_by(self.order.choose if self.order.reorders else None,

@@ -20,7 +20,9 @@ from typing import Callable
 
 from .clock import Clock
 from .errors import BadRequest, NotFound
+from .gpu import GpuReading
 from .job import LEASE_KIND, Job, Jobs
+from .procs import ProcessTable
 from .room import Tenant
 
 log = logging.getLogger("mgpumanager.program_leases")
@@ -41,14 +43,18 @@ class ProgramLease:
     ttl_s: float
     granted_at: float
     job: Job
+    pid: int | None = None               # the program's process (its tree is the lease's)
     ended: threading.Event = field(default_factory=threading.Event)
     end_reason: str | None = None
+    measured_mib: int | None = None      # what its processes hold, by the last live reading
+    pids: tuple[int, ...] = ()
 
     def to_json(self, now: float) -> dict:
         return {"id": self.id, "label": self.label, "vram_mib": self.vram_mib,
                 "ttl_s": self.ttl_s, "held_s": round(now - self.granted_at, 3),
                 "expires_in_s": round(max(0.0, self.granted_at + self.ttl_s - now), 3),
-                "evicted": list(self.job.evicted), "waited_s": round(self.job.wait_s, 3)}
+                "evicted": list(self.job.evicted), "waited_s": round(self.job.wait_s, 3),
+                "pid": self.pid, "measured_mib": self.measured_mib, "pids": list(self.pids)}
 
 
 class ProgramLeases:
@@ -59,12 +65,14 @@ class ProgramLeases:
         self._held: dict[str, ProgramLease] = {}
 
     def take(self, *, vram_mib: int, label: str, ttl_s: float, coexist: frozenset[str],
+             pid: int | None = None,
              cancelled: Callable[[], bool] | None = None) -> ProgramLease:
         """Wait for the GPU and make room; the lease, held. A BrokerError
         (queue_full, queue_timeout, insufficient_vram, ...) with nothing held."""
         job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist),
                                     f"{LEASE_KIND}:{label}", cancelled)
-        lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, self.clock.now(), job)
+        lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, self.clock.now(), job,
+                             pid)
         # Whoever ends the job (end(), the ttl, the watchdog) ends the lease.
         job.on_finish = lambda: self._ended(lease)
         with self._lock:
@@ -112,6 +120,20 @@ class ProgramLeases:
         with self._lock:
             return list(self._held.values())
 
+    def measure(self, reading: GpuReading, proc_root: str = "/proc") -> None:
+        """A live reading's per-process memory, given to the leases whose
+        program's process tree holds it (so it is explained, not foreign)."""
+        leases = [lease for lease in self.held() if lease.pid is not None]
+        if not leases or reading.processes is None:
+            return
+        table = ProcessTable(proc_root)
+        usage = dict(reading.processes)
+        for lease in leases:
+            tree = table.with_descendants({lease.pid})
+            held = [usage[p] for p in tree if p in usage]
+            lease.pids = tuple(sorted(p for p in tree if p in usage))
+            lease.measured_mib = None if any(m is None for m in held) else sum(held)
+
     def held_mib(self) -> int:
         """What the leased programs are counted to hold (the ledger's share)."""
         return sum(lease.vram_mib for lease in self.held())
@@ -126,6 +148,7 @@ class LeaseRequest:
     ttl_s: float
     coexist: frozenset[str]
     stream: bool                 # held while this connection lasts; the answer streams
+    pid: int | None = None       # the program's process, for its measured memory
 
 
 def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> LeaseRequest:
@@ -136,9 +159,10 @@ def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> L
         raise BadRequest("the body must be a JSON object like {\"vram_mib\": 8000, "
                          "\"label\": \"train\", \"ttl_s\": 3600}")
     problems = []
-    unknown = sorted(set(body) - {"vram_mib", "label", "ttl_s", "coexist", "stream"})
+    unknown = sorted(set(body) - {"vram_mib", "label", "ttl_s", "coexist", "stream", "pid"})
     if unknown:
-        problems.append(f"unknown keys {unknown} (vram_mib, label, ttl_s, coexist, stream)")
+        problems.append(f"unknown keys {unknown} (vram_mib, label, ttl_s, coexist, stream, "
+                        "pid)")
     vram = body.get("vram_mib", 0)
     if isinstance(vram, bool) or not isinstance(vram, int) or not 0 <= vram <= MAX_LEASE_MIB:
         problems.append(f"vram_mib: a whole number of MiB from 0 to {MAX_LEASE_MIB}, "
@@ -163,6 +187,10 @@ def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> L
     if not isinstance(stream, bool):
         problems.append("stream: true or false")
         stream = False
+    pid = body.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+        problems.append("pid: the program's process id, a whole number above 0")
+        pid = None
     if problems:
         raise BadRequest("; ".join(problems))
-    return LeaseRequest(vram, label, float(ttl), frozenset(coexist), stream)
+    return LeaseRequest(vram, label, float(ttl), frozenset(coexist), stream, pid)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,8 +63,9 @@ def say(message: str) -> None:
 
 def run(cmd: list[str], *, url: str, vram_mib: int, label: str | None, ttl_s: float | None,
         wait_max_s: float | None, grace_s: float, token: str | None) -> int:
-    body: dict = {"vram_mib": vram_mib, "label": (label or os.path.basename(cmd[0]))[:64],
-                  "stream": True}
+    # Its own pid: the command is its child, and the tree's memory is the lease's.
+    label = re.sub(r"[^A-Za-z0-9._ -]", "-", label or os.path.basename(cmd[0]))[:64] or "lease"
+    body: dict = {"vram_mib": vram_mib, "label": label, "stream": True, "pid": os.getpid()}
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -37,7 +37,7 @@ def take_lease():
     asked = read_lease_request(body, job_timeout_s=b.config.scheduler.job_timeout_s,
                                consumers=list(b.config.consumers))
     lease = b.leases.take(vram_mib=asked.vram_mib, label=asked.label, ttl_s=asked.ttl_s,
-                          coexist=asked.coexist, cancelled=client_gone(environ))
+                          coexist=asked.coexist, pid=asked.pid, cancelled=client_gone(environ))
     if not asked.stream:
         resp = jsonify(lease.to_json(b.clock.now()))
         resp.status_code = 201

@@ -7,7 +7,9 @@ import requests
 from conftest import background, hold_gpu, queued_depth, sim_config, wait_until
 from mgpumanager.sim import start_cluster
 
-PAYLOAD = {"tts": {"json": {"text": "hello"}}, "image": {"json": {"prompt": {"1": {}}}}}
+PAYLOAD = {"tts": {"json": {"text": "hello"}}, "image": {"json": {"prompt": {"1": {}}}},
+           # A GPU lease for a program (POST /v1/leases) that gives the GPU back after 0.2 s.
+           "leases": {"json": {"vram_mib": 1000, "ttl_s": 0.2, "label": "program"}}}
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def queue_behind_a_held_gpu(broker, echo, kinds):
     assert list(held.lines) == [b"last"]
     for t, out in jobs:
         t.join(60)
-        assert out["result"].status_code == 200, out["result"].text
+        assert out["result"].ok, out["result"].text
     return status
 
 
@@ -84,6 +86,21 @@ def test_no_job_is_passed_more_than_max_bypass_times(small_gpu, echo, start_brok
     assert kinds_in_order(sim) == ["image", "image", "tts", "image", "image"]
     assert b.status()["scheduler"]["max_bypassed"] == 1
     assert sim.gpu.ooms == 0
+
+
+def test_a_lease_among_affinity_reordering_is_passed_no_more_than_max_bypass(
+        small_gpu, echo, start_broker):
+    sim = small_gpu
+    b = start_broker(two_services(sim, echo, max_bypass=1))
+    b.wait_healthy("mvoice", "comfyui", "echo")
+    queue_behind_a_held_gpu(b, echo, ["image", "leases", "image", "image", "image"])
+    wait_until(lambda: not sim.comfyui.busy and b.status()["scheduler"]["running"] is None, 10,
+               "the last render and the lease")
+    done = [e["kind"] for e in requests.get(b.url + "/v1/events").json()["events"]
+            if e["type"] == "job" and e["kind"] in ("image", "lease")]
+    # Passed once by the second image (ComfyUI resident), then its turn, whatever it costs.
+    assert done == ["image", "image", "lease", "image", "image"], done
+    assert b.status()["scheduler"]["max_bypassed"] == 1 and sim.gpu.ooms == 0
 
 
 def test_a_kind_with_priority_goes_ahead_of_older_jobs(small_gpu, echo, start_broker):

@@ -12,7 +12,10 @@ import requests
 
 from conftest import (background, deep_merge, hold_gpu, queued_depth, sim_config, wait_idle,
                       wait_until)
+from mgpumanager.clock import Clock
 from mgpumanager.config import ConfigError, parse_config
+from mgpumanager.gpu import GpuReading
+from mgpumanager.program_leases import ProgramLease, ProgramLeases
 from mgpumanager.runner import EXIT_LEASE_ENDED, EXIT_REFUSED, EXIT_TRY_LATER
 
 IMAGE = {"json": {"prompt": {"1": {}}}}
@@ -203,3 +206,27 @@ def test_the_lease_kind_is_counted_in_metrics(broker):
     text = requests.get(broker.url + "/metrics").text
     assert 'mgpumanager_jobs_total{consumer="lease",outcome="ok"} 1.0' in text
 
+
+
+def test_a_live_reading_gives_the_programs_process_tree_memory_to_its_lease():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        leases = ProgramLeases(jobs=None, clock=Clock())
+        lease = ProgramLease("id", "train", 8000, 60.0, 0.0, job=None, pid=os.getpid())
+        leases._held[lease.id] = lease
+        reading = GpuReading("nvml", total_mib=24576, used_mib=10000, free_mib=14576, processes=(
+            (child.pid, 7000), (os.getpid(), 500), (1, 2000)))
+        leases.measure(reading)
+        assert lease.measured_mib == 7500 and lease.pids == tuple(sorted((child.pid, os.getpid())))
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_run_names_its_process_and_a_label_the_broker_takes(broker):
+    p = mgpumanager_run(broker, "--label", "my+job/1", "--", sys.executable, "-c",
+                        "import time; time.sleep(1)")
+    wait_until(lambda: broker.status()["leases"], what="the lease")
+    held = broker.status()["leases"][0]
+    assert held["label"] == "my-job-1" and held["pid"] == p.pid
+    assert finished(p)[0] == 0
