@@ -197,13 +197,15 @@ class Broker:
         self.shutting_down = True
         self._stop.wait(max(0.0, left - margin))
         # A leased program's turn ends with the worker that keeps it (a
-        # reload too: the lock is this process's), as late as it can.
-        self.leases.end_all()
+        # reload too: the lock is this process's), as late as it can; the
+        # queue is closed first, so that no lease waiting in it is granted.
         self.gpu.lock.close("the broker is stopping; this job could not run before it does")
+        self.leases.end_all()
 
     def stop(self) -> None:
         self._stop.set()
         self._shutdown_requested.set()
+        self.gpu.lock.close("the broker is stopping")
         self.leases.end_all()
         self.health.stop()
         self.gpu.stop()

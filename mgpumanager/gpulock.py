@@ -198,6 +198,16 @@ class GpuLock:
             self._recent_holds.append(self._clock() - (ticket.granted_at or 0.0))
             self._choose()
 
+    @property
+    def has_waiting(self) -> bool:
+        """A hint, read without the mutex: whether a job was waiting just now."""
+        return bool(self._waiting)
+
+    def waiting_consumers(self) -> list[str]:
+        """The consumer of each waiting job: for the planner, without a snapshot."""
+        with self._mutex:
+            return [t.consumer for t in self._waiting]
+
     def snapshot(self) -> LockSnapshot:
         with self._mutex:
             now = self._clock()
@@ -220,7 +230,7 @@ class GpuLock:
         now = self._clock()
         mark_turn(self._waiting, now)
         index = 0
-        if self._chooser is not None:
+        if self._chooser is not None and len(self._waiting) > 1:    # one waiter: no choice
             try:
                 index = self._chooser(self._waiting, now)
                 if not 0 <= index < len(self._waiting):

@@ -186,6 +186,8 @@ class Jobs:
             threading.Thread(target=self._release_when_idle, args=(job, ran_ok), daemon=True,
                              name=f"busy-{job.consumer}").start()
         else:
+            if job.on_finish is not None:
+                job.on_finish()           # before the release: the next job's planner sees it gone
             self._release(job, ran_ok)    # first: the next job need not wait for the log
         fields = {"consumer": job.consumer, "kind": job.kind, "status": status, "ok": ok,
                   "wait_ms": round(job.wait_s * 1000, 1), "run_ms": round(run_s * 1000, 1),
@@ -195,8 +197,6 @@ class Jobs:
         if error:
             fields["error"] = error
         self.stats.job_done(fields)
-        if job.on_finish is not None:
-            job.on_finish()
 
     def _release(self, job: Job, ran_ok: bool) -> None:
         released_at = self.clock.now()    # before the hand-off: it is the next job's time

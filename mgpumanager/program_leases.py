@@ -32,6 +32,10 @@ RELEASED = "released"
 DISCONNECTED = "connection closed"
 STOPPING = "the broker is stopping"
 MAX_LEASE_MIB = 1 << 24                  # 16 TiB: past any card, still a number
+MAX_PID = 1 << 22                        # Linux's pid_max at most
+# How long a streamed lease that was told to end may keep the GPU while its
+# wrapper stops the program (mgpumanager run: SIGTERM, --grace, SIGKILL).
+STOP_S = 30.0
 LABEL_RE = re.compile(r"[A-Za-z0-9._ -]{1,64}")
 
 
@@ -44,6 +48,10 @@ class ProgramLease:
     granted_at: float
     job: Job
     pid: int | None = None               # the program's process (its tree is the lease's)
+    stream: bool = False                 # held by a connection: released when it closes
+    # Asked to end (ttl, DELETE, the stop): a streamed lease is told and
+    # released when its program has stopped and closed the connection.
+    ending: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)
     end_reason: str | None = None
     measured_mib: int | None = None      # what its processes hold, by the last live reading
@@ -65,14 +73,14 @@ class ProgramLeases:
         self._held: dict[str, ProgramLease] = {}
 
     def take(self, *, vram_mib: int, label: str, ttl_s: float, coexist: frozenset[str],
-             pid: int | None = None,
+             pid: int | None = None, stream: bool = False,
              cancelled: Callable[[], bool] | None = None) -> ProgramLease:
         """Wait for the GPU and make room; the lease, held. A BrokerError
         (queue_full, queue_timeout, insufficient_vram, ...) with nothing held."""
         job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist),
                                     f"{LEASE_KIND}:{label}", cancelled)
         lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, self.clock.now(), job,
-                             pid)
+                             pid, stream)
         # Whoever ends the job (end(), the ttl, the watchdog) ends the lease.
         job.on_finish = lambda: self._ended(lease)
         with self._lock:
@@ -83,7 +91,10 @@ class ProgramLeases:
 
     def _expire_at_ttl(self, lease: ProgramLease) -> None:
         if not lease.ended.wait(lease.ttl_s):
-            self.end(lease.id, TTL)
+            try:
+                self.end(lease.id, TTL)
+            except NotFound:
+                pass                  # a DELETE got there first
 
     def get(self, lease_id: str) -> ProgramLease:
         with self._lock:
@@ -93,9 +104,27 @@ class ProgramLeases:
         return lease
 
     def end(self, lease_id: str, reason: str = RELEASED) -> None:
+        """End a lease. A streamed one is told first and keeps the GPU until
+        its connection closes (the wrapper has stopped its program), or
+        STOP_S later: the program may still be on the GPU until then."""
         lease = self.get(lease_id)
         if lease.end_reason is None:
             lease.end_reason = reason
+        if lease.stream and reason != DISCONNECTED:
+            if not lease.ending.is_set():
+                lease.ending.set()
+                threading.Thread(target=self._release_after_stop, args=(lease,), daemon=True,
+                                 name=f"lease-stop-{lease.id}").start()
+            return
+        self._release(lease)
+
+    def _release_after_stop(self, lease: ProgramLease) -> None:
+        if not lease.ended.wait(STOP_S):
+            log.warning("lease %s (%s): its connection stayed open %g s after the lease "
+                        "ended; releasing the GPU", lease.id, lease.label, STOP_S)
+            self._release(lease)
+
+    def _release(self, lease: ProgramLease) -> None:
         lease.job.finish(ok=True, reached=True, status=200, hold_busy=False)
 
     def _ended(self, lease: ProgramLease) -> None:
@@ -188,7 +217,8 @@ def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> L
         problems.append("stream: true or false")
         stream = False
     pid = body.get("pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)
+                            or not 0 < pid <= MAX_PID):
         problems.append("pid: the program's process id, a whole number above 0")
         pid = None
     if problems:

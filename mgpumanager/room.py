@@ -311,7 +311,10 @@ class RoomMaker:
     def _with_waiting(self, views: dict[str, ConsumerView]) -> dict[str, ConsumerView]:
         """The views with how many queued jobs each consumer has: of equally
         few victims, one the queue needs next is spared."""
-        waiting = Counter(j.consumer for j in self.gpu.lock.snapshot().jobs)
+        consumers = self.gpu.lock.waiting_consumers()
+        if not consumers:
+            return views
+        waiting = Counter(consumers)
         return {n: dataclasses.replace(v, waiting=waiting[n]) if waiting[n] else v
                 for n, v in views.items()}
 

@@ -22,6 +22,7 @@ Exit statuses a shell loop can act on:
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -29,8 +30,9 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.parse
 
-import requests
+from .procs import ProcessTable
 
 DEFAULT_URL = "http://127.0.0.1:8770"
 TOKEN_ENV = "MGPUMANAGER_TOKEN"
@@ -68,51 +70,89 @@ def run(cmd: list[str], *, url: str, vram_mib: int, label: str | None, ttl_s: fl
     body: dict = {"vram_mib": vram_mib, "label": label, "stream": True, "pid": os.getpid()}
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    session = requests.Session()
-    session.trust_env = False             # an environment proxy must not divert loopback calls
     try:
-        answer = session.post(url.rstrip("/") + "/v1/leases", json=body, headers=headers,
-                              stream=True, timeout=(5, wait_max_s))
-    except requests.Timeout:
+        conn, sock, answer = _ask(url, body, token, wait_max_s)
+    except TimeoutError:
         say(f"no GPU lease within --wait-max {wait_max_s:g} s")
         return EXIT_TRY_LATER
-    except requests.RequestException as e:
+    except (OSError, http.client.HTTPException, ValueError) as e:
         say(f"no broker answered at {url}: {e}")
         return EXIT_TRY_LATER
-    if answer.status_code != 200:
-        return _refused(answer)
-    lines = answer.iter_lines()
     try:
-        lease = json.loads(next(lines))
-    except (StopIteration, ValueError, requests.RequestException) as e:
-        say(f"the broker's answer broke off: {e}")
-        return EXIT_TRY_LATER
+        if answer.status != 200:
+            return _refused(answer.status, answer.read(64 * 1024))
+        try:
+            lease = json.loads(answer.readline())
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            say(f"the broker's answer broke off: {e}")
+            return EXIT_TRY_LATER
+        sock.settimeout(None)                 # --wait-max bounds the wait, not the run
+        return _run_leased(cmd, lease, answer, grace_s)
+    finally:
+        conn.close()                          # the broker ends the lease as it closes
+
+
+def _ask(url: str, body: dict, token: str | None, wait_max_s: float | None):
+    """POST /v1/leases; (connection, its socket, response) once the answer's
+    head is in (the socket: http.client hands it to a response that ends
+    the connection)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--url {url!r}: expected http://HOST:PORT")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=5)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request("POST", parts.path.rstrip("/") + "/v1/leases", json.dumps(body), headers)
+        # Waiting for the head is waiting in the queue: --wait-max bounds it.
+        sock = conn.sock
+        sock.settimeout(None if wait_max_s is None else max(0.01, wait_max_s))
+        return conn, sock, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _run_leased(cmd: list[str], lease: dict, answer, grace_s: float) -> int:
     ended = threading.Event()
     why: list[str] = []
 
     def follow() -> None:
-        """Until the stream ends: the lease is over, whoever ended it."""
+        """Until the broker says the lease ended, or the stream breaks."""
         try:
-            for line in lines:
+            while True:
+                line = answer.readline()
+                if not line:
+                    break
                 if line.strip():
                     why.append(json.loads(line).get("ended", "ended"))
-        except (requests.RequestException, ValueError, AttributeError):
+                    break
+        except (OSError, http.client.HTTPException, ValueError):
             pass
         ended.set()
 
-    env = dict(os.environ, **{LEASE_ID_ENV: lease["id"]})
+    # The broker's token is no business of the program's.
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env[LEASE_ID_ENV] = lease["id"]
     try:
         child = subprocess.Popen(cmd, env=env)
     except FileNotFoundError:
         say(f"{cmd[0]}: command not found")
-        answer.close()
         return EXIT_NOT_FOUND
     except PermissionError:
         say(f"{cmd[0]}: permission denied")
-        answer.close()
         return EXIT_CANNOT_RUN
-    forwarded = {sig: signal.signal(sig, lambda s, _f: child.send_signal(s))
+
+    def forward(sig, _frame):
+        # A Ctrl-C reaches the whole foreground group, the command included:
+        # forwarding it too would make it two.
+        if sig == signal.SIGINT and _in_foreground():
+            return
+        child.send_signal(sig)
+
+    forwarded = {sig: signal.signal(sig, forward)
                  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     threading.Thread(target=follow, name="lease-stream", daemon=True).start()
     try:
@@ -127,26 +167,46 @@ def run(cmd: list[str], *, url: str, vram_mib: int, label: str | None, ttl_s: fl
     finally:
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
-        answer.close()                    # the broker ends the lease as the connection closes
-        session.close()
 
 
-def _refused(answer: requests.Response) -> int:
+def _in_foreground() -> bool:
     try:
-        err = answer.json().get("error", {})
-    except ValueError:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _refused(status: int, data: bytes) -> int:
+    try:
+        err = json.loads(data).get("error", {})
+    except (ValueError, AttributeError):
         err = {}
-    say(answer.text.strip()[:2000] or f"HTTP {answer.status_code}")
-    code = err.get("code")
-    if code in TRY_LATER_CODES or (code is None and answer.status_code in (429, 502, 503, 504)):
+    say(data.decode("utf-8", "replace").strip()[:2000] or f"HTTP {status}")
+    code = err.get("code") if isinstance(err, dict) else None
+    if code in TRY_LATER_CODES or (code is None and status in (429, 502, 503, 504)):
         return EXIT_TRY_LATER
     return EXIT_REFUSED
 
 
 def _stop(child: subprocess.Popen, grace_s: float) -> None:
-    child.terminate()
+    """SIGTERM to the command and every process it started, then SIGKILL to
+    those still there after ``grace_s``: none may stay on the GPU."""
+    # Found before the command exits: its children then belong to init.
+    tree = _signal_tree({child.pid}, signal.SIGTERM)
     try:
         child.wait(grace_s)
     except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+        pass
+    _signal_tree(tree, signal.SIGKILL)
+    child.wait()
+
+
+def _signal_tree(roots: set[int], sig: int) -> set[int]:
+    """Signal ``roots`` and their descendants; the pids signalled."""
+    tree = ProcessTable().with_descendants(roots) | roots
+    for pid in sorted(tree):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return tree

@@ -37,7 +37,8 @@ def take_lease():
     asked = read_lease_request(body, job_timeout_s=b.config.scheduler.job_timeout_s,
                                consumers=list(b.config.consumers))
     lease = b.leases.take(vram_mib=asked.vram_mib, label=asked.label, ttl_s=asked.ttl_s,
-                          coexist=asked.coexist, pid=asked.pid, cancelled=client_gone(environ))
+                          coexist=asked.coexist, pid=asked.pid, stream=asked.stream,
+                          cancelled=client_gone(environ))
     if not asked.stream:
         resp = jsonify(lease.to_json(b.clock.now()))
         resp.status_code = 201
@@ -48,16 +49,23 @@ def take_lease():
         b.gpu.watch.watch_client(lease.job.lease, client_sock)
 
     def held_while_connected():
+        """The lease, then a heartbeat; when it is asked to end, a last line
+        saying why, then nothing until the client closes the connection
+        (its program stopped): only then is the GPU free for the next job."""
+        def gone() -> bool:
+            return lease.job.lease.cut_reason is not None or lease.ended.is_set()
         try:
             yield json.dumps(lease.to_json(b.clock.now())).encode() + b"\n"
             beat = time.monotonic()
-            while not lease.ended.wait(0.25):
-                if lease.job.lease.cut_reason is not None:
+            while not lease.ending.wait(0.25):
+                if gone():
                     return                      # the client is gone: finally ends it
                 if time.monotonic() - beat >= LEASE_HEARTBEAT_S:
                     beat = time.monotonic()
                     yield b"\n"                # a dead broker shows as a dead stream
             yield json.dumps({"ended": lease.end_reason}).encode() + b"\n"
+            while not gone():
+                lease.ended.wait(0.1)
         finally:
             if not lease.ended.is_set():
                 try:

@@ -70,6 +70,26 @@ class BrokerWorker(ThreadWorker):
         self.head_timeout_s = 60.0
         self._listeners_shut = False
 
+    # -- the event loop's own checks, at most once a second -----------------------
+    # gunicorn touches its heartbeat file and asks for its parent's pid on
+    # every pass of the event loop, three passes per small request: six
+    # syscalls of about thirty. The arbiter's timeout is tens of seconds.
+
+    CHECK_EVERY_S = 1.0
+
+    def notify(self):
+        now = time.monotonic()
+        if now - getattr(self, "_notified_at", float("-inf")) >= self.CHECK_EVERY_S:
+            self._notified_at = now
+            super().notify()
+
+    def is_parent_alive(self):
+        now = time.monotonic()
+        if now - getattr(self, "_parent_checked_at", float("-inf")) < self.CHECK_EVERY_S:
+            return True
+        self._parent_checked_at = now
+        return super().is_parent_alive()
+
     def load_wsgi(self):
         super().load_wsgi()
         broker = self._broker()

@@ -248,7 +248,8 @@ def test_a_chosen_waiter_that_leaves_hands_the_choice_on():
     lock.release(first)
     th.join(10)
     stay.join(10)
-    assert chosen == ["leaves", "stays"]
+    # Asked once: with one waiter left there is nothing to choose.
+    assert chosen == ["leaves"]
     assert order == ["stays"] and lock.snapshot().holder is None
 
 

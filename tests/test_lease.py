@@ -62,6 +62,10 @@ def read_answer(sock) -> tuple[int, dict]:
     pytest.param(b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 5\r\n\r\nhello",
                  id="a-line-that-is-no-header"),
     pytest.param(b"HTTP/1.1 200 OK\r\nX-Partial: 1\r\n", id="head-cut-off"),
+    pytest.param(b"HTTP/1.1 200 OK\r\n folded: 1\r\nContent-Length: 5\r\n\r\nhello",
+                 id="head-begins-with-a-continuation"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhello",
+                 id="space-before-the-colon"),
     pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                  id="transfer-coding-besides-chunked"),
     pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"

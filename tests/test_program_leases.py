@@ -27,9 +27,10 @@ def running(b):
 
 def mgpumanager_run(b, *args, env=None, **kw):
     """`mgpumanager run` against broker ``b``, as a child process."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen([sys.executable, "-m", "mgpumanager.cli", "run", "--url", b.url,
-                             *args], env=env or dict(os.environ, MGPUMANAGER_TOKEN=""),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                             *args], env=env or dict(os.environ, MGPUMANAGER_TOKEN=""), **kw)
 
 
 def finished(p, timeout=15) -> tuple[int, bytes]:
@@ -230,3 +231,133 @@ def test_run_names_its_process_and_a_label_the_broker_takes(broker):
     held = broker.status()["leases"][0]
     assert held["label"] == "my-job-1" and held["pid"] == p.pid
     assert finished(p)[0] == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:                                   # a zombie (reaped by nobody yet) is dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+# Found by attacking the leases: a program still stopping, its children, the
+# token, --wait-max, the ledger's window, the stop.
+
+def test_the_gpu_is_not_handed_on_while_the_command_is_still_being_stopped(broker, sim):
+    """The lease's ttl ends it while the program ignores SIGTERM: the GPU is
+    handed on only once the wrapper has stopped it (SIGKILL after --grace)."""
+    cmd = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+           "print('up', flush=True); time.sleep(30)")
+    p = mgpumanager_run(broker, "--ttl", "1", "--grace", "3", "--", sys.executable, "-c", cmd)
+    assert p.stdout.readline().strip() == b"up"
+    thread, out = background(lambda: requests.post(broker.url + "/v1/tts", json={"text": "x"},
+                                                   timeout=30))
+    wait_until(lambda: queued_depth(broker) == 1, what="the TTS job to queue")
+    p.communicate(timeout=20)
+    program_gone = time.monotonic()
+    assert p.returncode == EXIT_LEASE_ENDED
+    thread.join(20)
+    assert out["result"].status_code == 200
+    tts_at = sim.mvoice.requests_to("/api/tts")[-1].at
+    assert tts_at >= program_gone - 0.1, (
+        f"the TTS job reached the GPU {program_gone - tts_at:.1f} s before the leased "
+        "program had stopped")
+
+
+def test_a_lease_that_ends_first_stops_the_commands_children_too(broker, tmp_path):
+    """CMD that forks (a shell script, a launcher): its children are stopped too."""
+    pidfile = tmp_path / "grandchild"
+    cmd = ("import subprocess, sys; c = subprocess.Popen(['sleep', '30']); "
+           f"open({str(pidfile)!r}, 'w').write(str(c.pid)); c.wait()")
+    p = mgpumanager_run(broker, "--ttl", "1", "--grace", "1", "--", sys.executable, "-c", cmd,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert p.wait(20) == EXIT_LEASE_ENDED
+    grandchild = int(pidfile.read_text())
+    try:
+        time.sleep(0.3)
+        assert not alive(grandchild), "the command's child outlived the lease"
+    finally:
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_brokers_token_is_not_handed_to_the_command(sim, start_broker):
+    token = "s3cret-token-0123456789"
+    b = start_broker(deep_merge(sim_config(sim), {"server": {"auth_token": token}}))
+    p = mgpumanager_run(b, "--", sys.executable, "-c",
+                        "import os; print(os.environ.get('MGPUMANAGER_TOKEN', ''))",
+                        env=dict(os.environ, MGPUMANAGER_TOKEN=token))
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert token.encode() not in out, "CMD (any program) got the broker's admin token"
+
+
+def test_wait_max_bounds_the_wait_not_the_commands_run(broker):
+    """The broker's heartbeat comes every 5 s: --wait-max 1 must not cut the run."""
+    p = mgpumanager_run(broker, "--wait-max", "1", "--", "sleep", "3")
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+
+
+def test_wait_max_zero_is_an_exit_status_not_a_traceback(broker):
+    p = mgpumanager_run(broker, "--wait-max", "0", "--", "true")
+    _, err = p.communicate(timeout=20)
+    assert p.returncode in (0, EXIT_TRY_LATER), err
+    assert b"Traceback" not in err
+
+
+def test_the_next_job_does_not_see_a_released_leases_memory(sim, echo, start_broker):
+    """The lease leaves the ledger before the lock is handed on, however
+    slow its event and log line: mvoice, which fits beside whisper, stays."""
+    cfg = deep_merge(sim_config(sim, echo), {"gpu": {"backend": "ledger", "total_mib": 24576}})
+    b = start_broker(cfg)
+    b.wait_healthy(*cfg["consumers"])
+    assert requests.post(b.url + "/v1/tts", json={"text": "x"}).ok       # mvoice: 3200
+    stats = b.broker.stats
+    slow = stats.job_done
+
+    def job_done(fields):                 # the event and the log line: a slow disk
+        if fields.get("kind") == "lease":
+            time.sleep(float(os.environ.get("ATTACK_DELAY", "0.5")))
+        slow(fields)
+    stats.job_done = job_done
+    r = requests.post(b.url + "/v1/leases", json={"vram_mib": 20000, "coexist": ["mvoice"]})
+    assert r.status_code == 201 and "mvoice" not in r.json()["evicted"], r.text
+    thread, out = background(lambda: requests.post(b.url + "/v1/stt", files={"file": ("a.wav", b"RIFF")},
+                                                   timeout=30))
+    wait_until(lambda: queued_depth(b) == 1, what="the STT job to queue")
+    assert requests.delete(b.url + f"/v1/leases/{r.json()['id']}").status_code == 204
+    thread.join(20)
+    assert out["result"].ok, out["result"].text
+    assert sim.mvoice.loaded and not sim.mvoice.requests_to("/api/admin/unload"), \
+        "mvoice was evicted for a lease that had already ended"
+
+
+def test_a_lease_queued_at_the_stop_is_refused_not_granted(broker):
+    """The queue is closed before the held leases are ended: a lease queued
+    behind them is refused, not granted by a broker that is stopping."""
+    first = requests.post(broker.url + "/v1/leases", json={"label": "first"})
+    assert first.status_code == 201
+    thread, out = background(lambda: requests.post(broker.url + "/v1/leases",
+                                                   json={"label": "second"}, timeout=30))
+    wait_until(lambda: queued_depth(broker) == 1, what="the second lease to queue")
+    broker.broker.begin_shutdown(time.monotonic() + 2.0)
+    thread.join(10)
+    time.sleep(0.3)
+    held = [lease.label for lease in broker.broker.leases.held()]
+    assert out["result"].status_code == 503, out["result"].text
+    assert held == [], f"leases still held after the stop ended them: {held}"
+
+
+def test_a_delete_racing_the_ttl_does_not_raise_in_the_ttl_thread():
+    """A DELETE that ends the lease as its ttl passes: nothing raised in the ttl thread."""
+    leases = ProgramLeases(jobs=None, clock=Clock())
+    lease = ProgramLease("gone", "x", 0, 0.01, 0.0, job=None)   # already popped by DELETE
+    leases._expire_at_ttl(lease)

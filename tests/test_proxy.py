@@ -294,3 +294,16 @@ def test_bytes_after_a_bodyless_answer_never_reach_the_next_request(broker, echo
     assert first.status_code == int(status_line.split()[1]) and first.content == b""
     second = requests.get(broker.url + "/upstream/echo/small", timeout=5)
     assert second.content == b'{"ok":true}'
+
+
+def test_the_head_parser_keeps_what_http_client_keeps_and_refuses_what_is_no_header():
+    from mgpumanager.proxy import MalformedHead, parse_head
+    msg = parse_head([b"Content-Type: text/plain \r\n", b"Set-Cookie: a=1\r\n",
+                      b"set-cookie: b=2\r\n", b"X-Folded: one\r\n", b"\t two\r\n",
+                      b"X-Empty:\r\n", b"\r\n"])
+    assert msg.get("content-type") == "text/plain" and msg.get_all("Set-Cookie") == ["a=1", "b=2"]
+    assert msg["x-folded"] == "one two" and msg["X-Empty"] == "" and msg.defects == []
+    assert list(msg.items())[0] == ("Content-Type", "text/plain")
+    for bad in (b"Bad Header: x\r\n", b": x\r\n", b" first\r\n", b"NoColon\r\n"):
+        with pytest.raises(MalformedHead):
+            parse_head([bad, b"\r\n"])
