@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-long test-real bench bench-quick bench-swaps soak check-config clean
+.PHONY: install demo run test test-long test-real bench bench-quick bench-overhead bench-swaps soak check-config clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,11 +68,17 @@ test-real: install $(REAL_VENV)/.installed $(REAL_BUILT)
 
 bench: install
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/swaps.py
 
 bench-quick: install
 	$(BIN)/python bench/bench.py --quick
+	$(BIN)/python bench/overhead.py --reps 1 --requests 1000 --out bench/OVERHEAD-quick.md
 	$(BIN)/python bench/swaps.py --quick --out bench/SWAPS-quick.md
+
+# A small GPU job against a hand-written proxy of the same stack (bench/OVERHEAD.md)
+bench-overhead: install
+	$(BIN)/python bench/overhead.py
 
 # FIFO against affinity on realistic traces (writes bench/SWAPS.md)
 bench-swaps: install
