@@ -61,6 +61,15 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def start_upstream() -> tuple[subprocess.Popen, int]:
+    """bench/upstream.py on a free port, once it listens."""
+    port = free_port()
+    up = subprocess.Popen([sys.executable, str(ROOT / "bench/upstream.py"), str(port)],
+                          stdout=subprocess.PIPE)
+    up.stdout.readline()
+    return up, port
+
+
 def find_nginx() -> tuple[str | None, str]:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if nginx:
@@ -303,11 +312,8 @@ def run(quick: bool) -> dict:
     procs: list[subprocess.Popen] = []
     results: dict = {"notes": []}
     try:
-        up_port = free_port()
-        up = subprocess.Popen([sys.executable, str(ROOT / "bench/upstream.py"), str(up_port)],
-                              stdout=subprocess.PIPE)
+        up, up_port = start_upstream()
         procs.append(up)
-        up.stdout.readline()
         targets = [Target("direct", up_port, "")]
         nginx, why = find_nginx()
         if nginx:

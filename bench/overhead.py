@@ -36,8 +36,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench import (Target, broker_config, cpu_seconds, free_port, machine, pct,  # noqa: E402
-                   small_posts, start_broker, stop)
+from bench import (Target, broker_config, cpu_seconds, machine, pct, small_posts,  # noqa: E402
+                   start_broker, start_upstream, stop)
 
 
 def start_handwritten(tmp: Path, upstream: str) -> tuple[subprocess.Popen, int, int]:
@@ -81,11 +81,8 @@ def run(reps: int, n: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="mgpumanager-overhead-"))
     procs = []
     try:
-        up_port = free_port()
-        up = subprocess.Popen([sys.executable, str(ROOT / "bench/upstream.py"), str(up_port)],
-                              stdout=subprocess.PIPE)
+        up, up_port = start_upstream()
         procs.append(up)
-        up.stdout.readline()
         upstream = f"http://127.0.0.1:{up_port}"
         hproc, hport, hpid = start_handwritten(tmp, upstream)
         procs.append(hproc)

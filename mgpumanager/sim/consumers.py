@@ -361,12 +361,7 @@ class OllamaSim(ModelServer):
 
         def stream():
             yield b": keep-alive\n\n"
-            with self.gpu.job(self.name, "llm"):
-                for i in range(n):
-                    self.sleep(self.token_s)
-                    yield _sse_chunk(model, f"tok{i} ")
-                yield _sse_chunk(model, None, "stop")
-            yield b"data: [DONE]\n\n"
+            yield from sse_tokens(self, model, n)
             self._keep(None)
         return Reply(200, stream(), content_type="text/event-stream")
 
@@ -427,6 +422,16 @@ class OllamaSim(ModelServer):
                 yield line(n, True)
             self._keep(body.get("keep_alive"))
         return Reply(200, stream(), content_type="application/x-ndjson")
+
+
+def sse_tokens(server: ModelServer, model: str, n: int):
+    """An OpenAI chat stream of ``n`` tokens, as a job on the simulated GPU."""
+    with server.gpu.job(server.name, "llm"):
+        for i in range(n):
+            server.sleep(server.token_s)
+            yield _sse_chunk(model, f"tok{i} ")
+        yield _sse_chunk(model, None, "stop")
+    yield b"data: [DONE]\n\n"
 
 
 def _sse_chunk(model: str, content: str | None, finish: str | None = None) -> bytes:

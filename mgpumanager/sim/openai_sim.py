@@ -15,7 +15,7 @@ import base64
 import fnmatch
 import time
 
-from .consumers import ModelServer, SimGpu, SimOom, _sse_chunk, oom_reply, wav_bytes
+from .consumers import ModelServer, SimGpu, SimOom, oom_reply, sse_tokens, wav_bytes
 from .http import Reply, Request
 
 
@@ -86,14 +86,7 @@ class OpenAISim(ModelServer):
                                "usage": {"prompt_tokens": 1, "completion_tokens": n,
                                          "total_tokens": n + 1}})
 
-        def stream():
-            with self.gpu.job(self.name, "llm"):
-                for i in range(n):
-                    self.sleep(self.token_s)
-                    yield _sse_chunk(model, f"tok{i} ")
-                yield _sse_chunk(model, None, "stop")
-            yield b"data: [DONE]\n\n"
-        return Reply(200, stream(), content_type="text/event-stream")
+        return Reply(200, sse_tokens(self, model, n), content_type="text/event-stream")
 
     def embeddings(self, req: Request) -> Reply:
         body = self._json(req)
