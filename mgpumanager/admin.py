@@ -68,6 +68,14 @@ class HttpActions:
         except requests.RequestException as e:
             raise BrokerError(describe(e), consumer=c.name) from e
 
+    def close_thread_session(self) -> None:
+        """Close this thread's session: for a thread that ends (its
+        connections would otherwise be left to the garbage collector)."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            self._local.session = None
+            session.close()
+
     def probe_health(self, c: ConsumerConfig) -> HealthResult:
         try:
             with self._send("GET", c, c.health, self.health_timeout_s) as r:

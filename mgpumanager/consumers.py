@@ -405,6 +405,9 @@ class HealthMonitor:
         finally:
             with self._asking_lock:
                 self._asking.discard(name)
+            close = getattr(self.actions, "close_thread_session", None)
+            if close is not None:
+                close()                   # this thread ends here
 
     def stop(self) -> None:
         self._stop.set()

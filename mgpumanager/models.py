@@ -117,8 +117,8 @@ class ModelDirectory:
         if not self._asking_all.acquire(blocking=False):
             return
         try:
-            threads = [threading.Thread(target=self.refresh, args=(name,), daemon=True,
-                                        name=f"models-{name}")
+            threads = [threading.Thread(target=self._refresh_on_own_thread, args=(name,),
+                                        daemon=True, name=f"models-{name}")
                        for name, c in self.config.consumers.items() if c.models_from is not None]
             for t in threads:
                 t.start()
@@ -127,6 +127,14 @@ class ModelDirectory:
                 t.join(max(0.0, deadline - self.clock.now()))
         finally:
             self._asking_all.release()
+
+    def _refresh_on_own_thread(self, name: str) -> None:
+        try:
+            self.refresh(name)
+        finally:
+            close = getattr(self.actions, "close_thread_session", None)
+            if close is not None:
+                close()
 
     def consumer_for(self, model: str) -> str:
         """The consumer that serves ``model``, or ModelNotFound naming the

@@ -436,6 +436,7 @@ def test_unknown_model_does_not_wait_on_each_hanging_service_in_turn(door_with):
     took = time.monotonic() - t0
     for s in servers:
         s.shutdown()
+        s.server_close()
     assert r.status_code == 404
     # health.timeout_s is 1 s here: three hanging lists cost 3 s, serially, in the
     # request's thread (one such thread every REFRESH_ON_MISS_S, for any client).
