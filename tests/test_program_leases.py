@@ -164,7 +164,6 @@ def test_a_lease_that_ends_first_stops_the_command(broker):
     assert b"lease ended first (ttl)" in err and time.monotonic() - t0 < 8
 
 
-@pytest.mark.gunicorn
 def test_run_waits_its_turn_and_a_full_queue_says_try_later(broker_with):
     b = broker_with({"scheduler": {"max_queue": 2}})
     held = hold_gpu(b)
@@ -181,7 +180,6 @@ def test_run_waits_its_turn_and_a_full_queue_says_try_later(broker_with):
     assert finished(waiting)[0] == 0 and finished(second)[0] == 0
 
 
-@pytest.mark.gunicorn
 def test_run_reads_the_token_from_a_file_or_the_environment(sim, start_broker, tmp_path):
     token = "s3cret-token-0123456789"
     b = start_broker(deep_merge(sim_config(sim), {"server": {"auth_token": token}}))
