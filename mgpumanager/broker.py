@@ -35,9 +35,9 @@ from .device import Gpu
 from .errors import UnknownConsumer, UnknownKind
 from .gpu import GpuReader
 from .job import Job, Jobs
-from .program_leases import ProgramLeases
 from .models import ModelDirectory
 from .order import QueueOrder
+from .program_leases import ProgramLeases
 from .proxy import UpstreamPool
 from .room import MemoryAttribution, RoomMaker, Swaps, settleable
 from .stats import Stats

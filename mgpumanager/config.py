@@ -148,8 +148,8 @@ RESERVED_CONSUMERS = frozenset({"lease", "leases"})
 
 def _check_model_claims(r: _Reader, consumers: dict[str, ConsumerConfig]) -> None:
     """A model name two consumers list would route by config order: refused,
-    naming both. (Globs may overlap: an exact name goes first, then the
-    longest glob; see models.py.)"""
+    naming both. (Globs may overlap: exact names go first, then the names
+    the services list, then the longest glob; see models.py.)"""
     claimed: dict[str, str] = {}
     for name, c in consumers.items():
         for i, model in enumerate(c.models):

@@ -352,7 +352,7 @@ def _read_gpu_routes(r: _Reader, node: Any, path: str,
     return tuple(routes)
 
 
-MODEL_NAME_RE = re.compile(r"[^\s\x00-\x1f]{1,256}")
+MODEL_NAME_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")     # a model name (or glob)
 
 
 def _read_model_names(r: _Reader, node: Any, path: str) -> tuple[str, ...]:

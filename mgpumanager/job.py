@@ -9,7 +9,10 @@ the GPU, or raises a BrokerError with nothing held and the refusal counted.
 Every way out of the run ends in ``Job.finish`` exactly once: the answer
 read whole or cut, the client gone, the upstream broken, or the watchdog
 past the lease's deadline (``Jobs.expired``). Explicit loads and unloads
-(``/v1/consumers/<name>/load``) and the idle unloader take the same turn.
+(``/v1/consumers/<name>/load``) and the idle unloader take the same turn,
+and so does a GPU lease for a program the broker does not proxy
+(``Jobs.start_lease``: its ``Tenant`` stands in for a consumer in the
+planner; program_leases.py holds the rest of its life).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Job:
         self.consumer = consumer
         self.kind = kind
         self.tenant = tenant                 # a GPU lease's program, not a consumer
-        self.on_finish: Callable[[], None] | None = None   # after it is recorded
+        self.on_finish: Callable[[], None] | None = None   # as it ends, before the release
         self.started = lease.granted_at
         self.evicted: list[str] = []
         self.was_loaded: bool | None = None  # its consumer's state as the job began

@@ -23,6 +23,7 @@ from .admin import ConsumerActions
 from .clock import Clock
 from .client_body import SpooledBody
 from .config import Config
+from .config_reader import MODEL_NAME_RE
 from .errors import BadRequest, BrokerError, ModelNotFound
 
 log = logging.getLogger("mgpumanager.models")
@@ -49,7 +50,6 @@ PART_HEAD_MAX = 16 * 1024
 # A service's list, and the names the close-name hint compares against.
 LISTED_MAX = 10_000
 CLOSE_NAMES_FROM = 2_000
-MODEL_NAME_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 
 
 class ModelDirectory:
