@@ -68,10 +68,11 @@ class Gpu:
 
     def take_turn(self, label: str, deadline: float, *, consumer: str, kind: str | None,
                   priority: int, needs_room: bool,
-                  cancelled: Callable[[], bool] | None) -> Lease:
+                  cancelled: Callable[[], bool] | None, hold_s: float | None = None) -> Lease:
         """This process's turn (the queue), then the machine's (the OS lock),
-        by one deadline; a lease watched until it is released. Raises a
-        BrokerError with nothing held."""
+        by one deadline; a lease watched until it is released, at most
+        ``hold_s`` (default scheduler.job_timeout_s). Raises a BrokerError
+        with nothing held."""
         ticket = self.lock.acquire(label, max(0.0, deadline - self.clock.now()),
                                    cancelled=cancelled, consumer=consumer, kind=kind,
                                    priority=priority, needs_room=needs_room)
@@ -80,7 +81,7 @@ class Gpu:
         except BaseException:
             self.lock.release(ticket)
             raise
-        return self._lease(ticket)
+        return self._lease(ticket, hold_s)
 
     def try_turn(self, label: str, consumer: str) -> Lease | None:
         """The turn if nobody holds or waits for it, here or in another process."""
@@ -92,9 +93,10 @@ class Gpu:
             return None
         return self._lease(ticket)
 
-    def _lease(self, ticket: Ticket) -> Lease:
+    def _lease(self, ticket: Ticket, hold_s: float | None = None) -> Lease:
         now = self.clock.now()
-        lease = Lease(ticket.label, ticket, now, now + self.job_timeout_s, self._released)
+        lease = Lease(ticket.label, ticket, now, now + (hold_s or self.job_timeout_s),
+                      self._released)
         self.watch.watch(lease)
         with self._mutex:
             self.current = lease

@@ -108,17 +108,19 @@ class Jobs:
         self.stats.job_started(job.wait_s)
         return job
 
-    def start_lease(self, tenant: Tenant, label: str,
+    def start_lease(self, tenant: Tenant, label: str, hold_s: float,
                     cancelled: Callable[[], bool] | None = None) -> Job:
         """A GPU lease for a program the broker does not proxy: the same
-        queue, deadline and room making as a job, for ``tenant.vram_mib``."""
-        job = self._room_for(tenant.name, LEASE_KIND, label, cancelled, tenant)
+        queue, deadline and room making as a job, for ``tenant.vram_mib``,
+        held at most ``hold_s`` from its turn."""
+        job = self._room_for(tenant.name, LEASE_KIND, label, cancelled, tenant, hold_s)
         job.started = self.clock.now()
         self.stats.job_started(job.wait_s)
         return job
 
     def _room_for(self, consumer: str, kind: str | None, label: str,
-                  cancelled: Callable[[], bool] | None, tenant: Tenant | None = None) -> Job:
+                  cancelled: Callable[[], bool] | None, tenant: Tenant | None = None,
+                  hold_s: float | None = None) -> Job:
         """Health, the turn, room made: a Job holding the GPU (not yet counted as begun)."""
         deadline = self.clock.now() + self.config.scheduler.queue_timeout_s
         try:
@@ -128,7 +130,8 @@ class Jobs:
                 raise Abandoned("the client went away before its job queued")
             priority = self.order.priority(consumer, kind)
             lease = self.gpu.take_turn(label, deadline, consumer=consumer, kind=kind,
-                                       priority=priority, needs_room=True, cancelled=cancelled)
+                                       priority=priority, needs_room=True, cancelled=cancelled,
+                                       hold_s=hold_s)
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise

@@ -77,10 +77,12 @@ class ProgramLeases:
              cancelled: Callable[[], bool] | None = None) -> ProgramLease:
         """Wait for the GPU and make room; the lease, held. A BrokerError
         (queue_full, queue_timeout, insufficient_vram, ...) with nothing held."""
+        # The ttl counts from the turn, as the lock's own deadline does; that
+        # one comes after the ttl and the stop, for a lease whose end stuck.
         job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist),
-                                    f"{LEASE_KIND}:{label}", cancelled)
-        lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, self.clock.now(), job,
-                             pid, stream)
+                                    f"{LEASE_KIND}:{label}", ttl_s + STOP_S + 5.0, cancelled)
+        lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, job.lease.granted_at,
+                             job, pid, stream)
         # Whoever ends the job (end(), the ttl, the watchdog) ends the lease.
         job.on_finish = lambda: self._ended(lease)
         with self._lock:
@@ -90,7 +92,7 @@ class ProgramLeases:
         return lease
 
     def _expire_at_ttl(self, lease: ProgramLease) -> None:
-        if not lease.ended.wait(lease.ttl_s):
+        if not lease.ended.wait(max(0.0, lease.granted_at + lease.ttl_s - self.clock.now())):
             try:
                 self.end(lease.id, TTL)
             except NotFound:

@@ -359,3 +359,29 @@ def test_a_delete_racing_the_ttl_does_not_raise_in_the_ttl_thread():
     leases = ProgramLeases(jobs=None, clock=Clock())
     lease = ProgramLease("gone", "x", 0, 0.01, 0.0, job=None)   # already popped by DELETE
     leases._expire_at_ttl(lease)
+
+
+@pytest.mark.gunicorn
+def test_a_broker_stopping_ends_the_lease_and_the_wrapper_stops_its_command(sim, start_broker):
+    b = start_broker(sim_config(sim), extra_args=["--graceful-timeout", "4"])
+    p = mgpumanager_run(b, "--grace", "1", "--", "sleep", "60")
+    wait_until(lambda: running(b) is not None, what="the lease to be held")
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    code, err = finished(p, 20)
+    assert code == EXIT_LEASE_ENDED and b"the broker is stopping" in err, err
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_ttl_as_long_as_job_timeout_ends_as_a_ttl_not_as_the_watchdogs_cut(broker_with, sim):
+    """The ttl counts from the turn, and the lock's own deadline comes after
+    it: a lease at the longest ttl ends by it, and says so."""
+    b = broker_with({"scheduler": {"job_timeout_s": 3}})
+    assert requests.post(b.url + "/v1/image", **IMAGE).ok
+    wait_idle(sim)
+    sim.comfyui.delay_s = 0.8               # making room (ComfyUI's /free) takes a while
+    code, err = finished(mgpumanager_run(b, "--vram", "20000", "--grace", "1", "--",
+                                         "sleep", "30"), 20)
+    assert code == EXIT_LEASE_ENDED and b"ended first (ttl)" in err, err
+    events = [e["type"] for e in requests.get(b.url + "/v1/events").json()["events"]]
+    assert "lease_expired" not in events
