@@ -69,7 +69,8 @@ class Broker:
                        + self.leases.held_mib(), reader=reader,
                        on_expired=lambda lease: self.jobs.expired(lease),
                        on_sample=lambda reading, at: (attribute(reading, at),
-                                                      self.leases.measure(reading)))
+                                                      self.leases.measure(reading)),
+                       on_foreign_turn=self._gpu_was_elsewhere)
         self.order = QueueOrder(config, self.registry, latest=self.gpu.sampler.latest,
                                 live=self.gpu.live)
         self.gpu.order_by(self.order.choose if self.order.reorders else None,
@@ -159,6 +160,15 @@ class Broker:
     def _idle_unloader(self) -> None:
         while not self._stop.wait(1.0):
             self.jobs.unload_idle()
+
+    def _gpu_was_elsewhere(self) -> None:
+        """Another process (a second broker, a second worker) had the GPU
+        since this one's last job: it may have loaded or unloaded any
+        consumer, so what can be asked is asked again before room is made."""
+        changed = self.registry.forget_loaded(lambda c: not settleable(c, self.gpu.live))
+        if changed:
+            self.events.add("beliefs_reset", "another process had the GPU since this broker's "
+                            f"last job: {', '.join(changed)} possibly loaded again")
 
     def _health_changed(self, name: str, ok: bool, error: str | None) -> None:
         self.events.add("health", f"{name} is {'healthy again' if ok else 'unhealthy: ' + str(error)}",

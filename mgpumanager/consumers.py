@@ -294,6 +294,18 @@ class ConsumerRegistry:
                 self._states[n].loaded = False
         return names
 
+    def forget_loaded(self, unknowable: Callable[[ConsumerConfig], bool]) -> list[str]:
+        """Another process had the GPU: every consumer that can be settled is
+        possibly loaded again (it may have loaded or unloaded any of them);
+        returns the names whose belief changed."""
+        with self._lock:
+            names = [n for n, s in self._states.items()
+                     if s.loaded is not None and not unknowable(s.config)]
+            for n in names:
+                self._states[n].loaded = None
+                self._states[n].state_set_at = self.clock()
+        return names
+
     def mark_loaded(self, name: str, loaded: bool, *, counted: str | None = None) -> None:
         with self._lock:
             s = self._states[name]

@@ -30,8 +30,11 @@ log = logging.getLogger("mgpumanager.device")
 class Gpu:
     def __init__(self, config: Config, clock: Clock, *, held_mib: Callable[[], int],
                  on_expired: Callable[[Lease], None], reader: GpuReader | None = None,
-                 on_sample: Callable[[GpuReading, float], None] | None = None):
+                 on_sample: Callable[[GpuReading, float], None] | None = None,
+                 on_foreign_turn: Callable[[], None] | None = None):
         self.clock = clock
+        # Called as a turn begins that another process had since this one's last.
+        self.on_foreign_turn = on_foreign_turn
         sched = config.scheduler
         self.job_timeout_s = sched.job_timeout_s
         fallback_total = sum(c.vram_resident_mib for c in config.consumers.values())
@@ -81,6 +84,8 @@ class Gpu:
         except BaseException:
             self.lock.release(ticket)
             raise
+        if self.oslock.others_held_since_last and self.on_foreign_turn is not None:
+            self.on_foreign_turn()
         return self._lease(ticket, hold_s)
 
     def try_turn(self, label: str, consumer: str) -> Lease | None:
@@ -91,6 +96,8 @@ class Gpu:
         if not self.oslock.try_acquire():
             self.lock.release(ticket)
             return None
+        if self.oslock.others_held_since_last and self.on_foreign_turn is not None:
+            self.on_foreign_turn()
         return self._lease(ticket)
 
     def _lease(self, ticket: Ticket, hold_s: float | None = None) -> Lease:

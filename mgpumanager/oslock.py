@@ -123,6 +123,10 @@ class OsLock:
         self._held = False
         self._held_since: float | None = None     # monotonic: when we took it
         self._mutex = threading.Lock()
+        # Whether another process held the lock since this one last did (its
+        # pid was in the file): what this process believes of the GPU may
+        # have changed meanwhile. Known only where this process writes its pid.
+        self.others_held_since_last = False
 
     def acquire(self, deadline: float, cancelled: Callable[[], bool] | None = None) -> None:
         """Wait for the lock until ``deadline`` (on its clock): QueueTimeout
@@ -158,9 +162,13 @@ class OsLock:
                 return False
             self._held = True
         if self._writable:
+            mine = f"{os.getpid()}\n".encode()
             try:
-                os.ftruncate(self._fd, 0)
-                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+                last = os.pread(self._fd, 32, 0)
+                self.others_held_since_last = last not in (b"", mine)
+                if last != mine:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, mine, 0)
             except OSError:
                 pass              # the pid is for people; the lock is what matters
         return True

@@ -206,6 +206,33 @@ def test_two_brokers_on_one_box_share_one_gpu_lock(sim, start_broker, tmp_path):
     assert sim.gpu.max_concurrent == 1 and sim.gpu.ooms == 0, sim.gpu.oom_log
 
 
+def test_a_broker_whose_beliefs_another_changed_asks_again_instead_of_running_into_an_oom(
+        sim, start_broker, tmp_path):
+    """B loads ComfyUI; A unloads it and fills the GPU with the others. B's
+    next image job found ComfyUI "resident" by its own stale belief, made no
+    room, and the render ran out of memory: B's turn after A's now makes
+    every belief it can ask again possibly loaded."""
+    cfg = sim_config(sim)
+    cfg["scheduler"]["lock_file"] = str(tmp_path / "shared.lock")
+    a, b = start_broker(cfg), start_broker(cfg)
+    a.wait_healthy(*cfg["consumers"])
+    b.wait_healthy(*cfg["consumers"])
+    image = {"json": {"prompt": {"1": {}}}}
+    assert requests.post(b.url + "/v1/image", timeout=30, **image).ok
+    wait_until(lambda: not sim.comfyui.busy, 20, "the render")
+    assert requests.post(a.url + "/v1/consumers/comfyui/unload", timeout=30).ok
+    assert requests.post(a.url + "/v1/tts", timeout=30, **TTS).ok
+    assert requests.post(a.url + "/v1/llm", timeout=30,
+                         json={"prompt": "x", "options": {"num_predict": 2}}).ok
+    assert not sim.comfyui.loaded and sim.ollama.loaded and sim.mvoice.loaded
+    r = requests.post(b.url + "/v1/image", timeout=30, **image)
+    assert r.ok, r.text
+    wait_until(lambda: not sim.comfyui.busy, 20, "the render")
+    assert sim.gpu.ooms == 0, sim.gpu.oom_log
+    assert any(e["type"] == "beliefs_reset"
+               for e in requests.get(b.url + "/v1/events").json()["events"])
+
+
 def test_sigterm_finishes_the_running_job_and_answers_the_queue(start_broker, sim, echo):
     cfg = sim_config(sim, echo)
     b = start_broker(cfg, extra_args=["--graceful-timeout", "8"])
