@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Response, jsonify, request
 
-from .errors import BrokerError
+from .errors import BadRequest, BrokerError
 from .models import OPENAI_ROUTES, model_of
 from .web import bp, broker, gpu_job, spooled_body
 
@@ -15,7 +15,10 @@ from .web import bp, broker, gpu_job, spooled_body
 def openai_door(route: str) -> Response:
     b = broker()
     body = spooled_body(None, route)
+    query = request.environ.get("QUERY_STRING")
     try:
+        if query and not query.isascii():
+            raise BadRequest("the query string must be ASCII (percent-encode other bytes)")
         model = model_of(body, request.content_type or "")
         name = b.models.consumer_for(model)
         b.check_consumer(name)
@@ -25,7 +28,6 @@ def openai_door(route: str) -> Response:
         if e.status < 500:
             b.client_error(e, None, route)
         raise
-    query = request.environ.get("QUERY_STRING")
     target = f"{b.config.consumers[name].openai_base}/{route}" + (f"?{query}" if query else "")
     return gpu_job(name, route, target, body)
 

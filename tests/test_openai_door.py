@@ -2,6 +2,7 @@
 each request a GPU job under the one lock. Driven by the real openai SDK."""
 
 import io
+import socket
 import threading
 import time
 import tracemalloc
@@ -13,7 +14,7 @@ import requests
 from werkzeug.formparser import parse_form_data
 
 from conftest import (TIME_SCALE, background, deep_merge, hold_gpu, queued_depth,
-                      sim_config, wait_idle, wait_until)
+                      read_until_closed, sim_config, wait_idle, wait_until)
 from mgpumanager.client_body import SpooledBody
 from mgpumanager.config import ConfigError, parse_config
 from mgpumanager.errors import BadRequest
@@ -461,3 +462,17 @@ def test_valid_json_with_a_long_integer_is_routed_not_called_not_json():
     valid body; the service (llama.cpp, Go, Rust) would take it."""
     body = b'{"model":"alpha","seed":1' + b"0" * 5000 + b"}"
     assert model_in(body, "application/json") == "alpha"
+
+
+def test_a_query_string_is_forwarded_and_a_non_ascii_one_refused(door):
+    r = door.client.chat.completions.create(model="alpha", max_tokens=1, messages=[],
+                                            extra_query={"api-version": "1"})
+    assert r.choices[0].message.content == "tok0 "
+    assert door.servers["llm-a"].requests_to("/v1/chat/completions")[-1].query == "api-version=1"
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as s:
+        body = b'{"model": "alpha"}'
+        s.sendall(b"POST /v1/chat/completions?x=\xc3\xa9 HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = read_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 400") and b'"type":"invalid_request_error"' in answer
