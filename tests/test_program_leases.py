@@ -385,3 +385,10 @@ def test_a_ttl_as_long_as_job_timeout_ends_as_a_ttl_not_as_the_watchdogs_cut(bro
     assert code == EXIT_LEASE_ENDED and b"ended first (ttl)" in err, err
     events = [e["type"] for e in requests.get(b.url + "/v1/events").json()["events"]]
     assert "lease_expired" not in events
+
+
+def test_the_status_page_names_a_running_lease_by_its_label(broker):
+    r = requests.post(broker.url + "/v1/leases", json={"label": "nightly-train", "ttl_s": 5})
+    page = requests.get(broker.url + "/").text
+    requests.delete(broker.url + f"/v1/leases/{r.json()['id']}")
+    assert "GPU lease <b>lease:nightly-train</b>" in page

@@ -47,8 +47,9 @@
     }
     document.getElementById("vram-bar").innerHTML = bar;
     const run = status.scheduler.running;
-    document.getElementById("running").innerHTML = run
-      ? `running <b>${esc(run.consumer)}</b> ${esc(run.kind || "")} for ${run.running_s.toFixed(1)} s` : "idle";
+    document.getElementById("running").innerHTML = !run ? "idle"
+      : run.kind === "lease" ? `GPU lease <b>${esc(run.label)}</b> for ${run.running_s.toFixed(1)} s`
+      : `running <b>${esc(run.consumer)}</b> ${esc(run.kind || "")} for ${run.running_s.toFixed(1)} s`;
     document.getElementById("waiting").innerHTML =
       status.scheduler.waiting_jobs.map((w) => `<li>${esc(w.label)}` +
         (w.bypassed ? ` <span class="passed">passed ${w.bypassed}×</span>` : "") + "</li>").join("");
