@@ -1,6 +1,6 @@
 """Who may talk to the broker: Host, Origin and token, decided here from the
 request's WSGI environ and the server config; and the broker's own
-credential kept from the services. No Flask: web.py's ``guard`` asks these
+credential kept from the services. No Flask: web's ``guard`` asks these
 before any route runs.
 """
 

@@ -10,7 +10,8 @@ import os
 
 from flask import Flask
 
-from . import web, web_leases, web_openai  # noqa: F401 (their views join web.bp)
+from . import web
+from .web import leases, openai_door  # noqa: F401 (their views join web.bp)
 from .broker import Broker
 from .config import Config, load_config
 from .consumers import ConsumerActions

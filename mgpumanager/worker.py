@@ -61,7 +61,31 @@ class BrokerConn(TConn):
             super().close()
 
 
-class BrokerWorker(ThreadWorker):
+class CheckedOncePerSecond:
+    """gunicorn's worker touches its heartbeat file and asks for its
+    parent's pid on every pass of the event loop, three passes per small
+    request: six syscalls of about thirty. Here at most once a second; the
+    arbiter's timeout is tens of seconds."""
+
+    CHECK_EVERY_S = 1.0
+    _notified_at = float("-inf")
+    _parent_checked_at = float("-inf")
+
+    def notify(self):
+        now = time.monotonic()
+        if now - self._notified_at >= self.CHECK_EVERY_S:
+            self._notified_at = now
+            super().notify()
+
+    def is_parent_alive(self):
+        now = time.monotonic()
+        if now - self._parent_checked_at < self.CHECK_EVERY_S:
+            return True
+        self._parent_checked_at = now
+        return super().is_parent_alive()
+
+
+class BrokerWorker(CheckedOncePerSecond, ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,26 +93,6 @@ class BrokerWorker(ThreadWorker):
         self.lingering: deque[tuple[float, socket.socket]] = deque()
         self.head_timeout_s = 60.0
         self._listeners_shut = False
-
-    # -- the event loop's own checks, at most once a second -----------------------
-    # gunicorn touches its heartbeat file and asks for its parent's pid on
-    # every pass of the event loop, three passes per small request: six
-    # syscalls of about thirty. The arbiter's timeout is tens of seconds.
-
-    CHECK_EVERY_S = 1.0
-
-    def notify(self):
-        now = time.monotonic()
-        if now - getattr(self, "_notified_at", float("-inf")) >= self.CHECK_EVERY_S:
-            self._notified_at = now
-            super().notify()
-
-    def is_parent_alive(self):
-        now = time.monotonic()
-        if now - getattr(self, "_parent_checked_at", float("-inf")) < self.CHECK_EVERY_S:
-            return True
-        self._parent_checked_at = now
-        return super().is_parent_alive()
 
     def load_wsgi(self):
         super().load_wsgi()

@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "clock", "logs", "lease", "policy", "schedule", "procs", "commands", "presets",
      "sim"},
     {"config", "config_model", "config_reader", "yamlsafe"},
-    {"gpu", "gpulock", "oslock", "client_body", "proxy", "stats"},
+    {"gpu", "gpulock", "oslock", "client_body", "headers", "proxy", "stats"},
     {"admin", "consumers"},
     {"device", "order", "models"},
     {"room"},
@@ -22,12 +22,11 @@ LAYERS = [
     {"broker"},
     # The outside: HTTP, the server process, the command line.
     {"access"},
-    {"metrics", "web", "web_openai", "web_leases", "runner", "app", "worker", "gunicorn_conf",
-     "cli", "demo"},
+    {"metrics", "web", "runner", "app", "worker", "gunicorn_conf", "cli", "demo"},
 ]
 WEB_FRAMEWORKS = {"flask", "werkzeug", "gunicorn"}
-MAY_USE_WEB_FRAMEWORKS = {"web", "web_openai", "web_leases", "app", "worker", "gunicorn_conf",
-                          "cli"}
+MAY_USE_WEB_FRAMEWORKS = {"web", "app", "worker", "gunicorn_conf", "cli"}
+PACKAGES = ("sim", "web")             # subpackages, each one module of its layer
 
 
 def layer_of(module: str) -> int:
@@ -41,7 +40,7 @@ def imports_of(path: Path) -> set[str]:
     """Top-level names imported: 'config' for `from .config import X`, 'flask' for flask."""
     tree = ast.parse(path.read_text(), str(path))
     found = set()
-    in_sim = path.parent.name == "sim"
+    in_sub = path.parent.name in PACKAGES
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -52,13 +51,13 @@ def imports_of(path: Path) -> set[str]:
             if node.level == 0:
                 parts = mod.split(".")
                 found.add(parts[1] if parts[0] == "mgpumanager" and len(parts) > 1 else parts[0])
-            elif node.level == 1 and in_sim:
-                found.add("sim")                    # within the simulated world
+            elif node.level == 1 and in_sub:
+                found.add(path.parent.name)         # within its own subpackage
             elif node.level == 1 and mod:
                 found.add(mod.split(".")[0])
             elif node.level == 1:                   # `from . import x`
                 found.update(a.name for a in node.names if a.name != "__version__")
-            else:                                   # from the simulated world up into the package
+            else:                                   # from a subpackage up into the package
                 found.add(mod.split(".")[0] if mod else "__init__")
     return found
 
@@ -67,8 +66,9 @@ def modules():
     for path in sorted(PACKAGE.glob("*.py")):
         if path.stem != "__init__":
             yield path.stem, path
-    for path in sorted((PACKAGE / "sim").glob("*.py")):
-        yield "sim", path
+    for package in PACKAGES:
+        for path in sorted((PACKAGE / package).glob("*.py")):
+            yield package, path
 
 
 def test_no_module_imports_a_higher_layer():
@@ -76,7 +76,7 @@ def test_no_module_imports_a_higher_layer():
     for name, path in modules():
         mine = layer_of(name)
         for imported in imports_of(path):
-            if (PACKAGE / f"{imported}.py").exists() or imported == "sim":
+            if (PACKAGE / f"{imported}.py").exists() or imported in PACKAGES:
                 if layer_of(imported) > mine:
                     wrong.append(f"{path.relative_to(PACKAGE.parent)} imports {imported} "
                                  f"(layer {layer_of(imported)} over its {mine})")

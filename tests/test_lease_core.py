@@ -14,7 +14,7 @@ from mgpumanager.config import parse_config, route_forms
 from mgpumanager.errors import UpstreamBadResponse
 from mgpumanager.gpulock import GpuLock
 from mgpumanager.lease import CLIENT_GONE, JOB_TIMEOUT, Lease, LeaseCut, LeaseWatch
-from mgpumanager.proxy import response_headers, status_line
+from mgpumanager.headers import response_headers, status_line
 from urllib3 import HTTPHeaderDict
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from flask import Response, jsonify, request
 
-from .errors import BadRequest, BrokerError
-from .models import OPENAI_ROUTES, model_of
-from .web import bp, broker, gpu_job, spooled_body
+from ..errors import BadRequest, BrokerError
+from ..models import OPENAI_ROUTES, model_of
+from . import bp, broker, gpu_job, spooled_body
 
 
 def openai_door(route: str) -> Response:

@@ -10,10 +10,10 @@ import time
 
 from flask import Response, jsonify, request, url_for
 
-from .client_body import client_gone
-from .errors import BadRequest, NotFound
-from .program_leases import DISCONNECTED, read_lease_request
-from .web import BODY_DONE, bp, broker
+from ..client_body import client_gone
+from ..errors import BadRequest, NotFound
+from ..program_leases import DISCONNECTED, read_lease_request
+from . import BODY_DONE, bp, broker
 
 LEASE_BODY_MAX = 64 * 1024
 LEASE_HEARTBEAT_S = 5.0

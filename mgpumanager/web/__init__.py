@@ -6,7 +6,9 @@ no single reading is refused here) and whether it is a GPU job (the
 consumer's config says; this module asks it), turning the WSGI request
 into an upstream call, and the upstream answer into a WSGI response whose
 ``close()`` ends the GPU job, whether the client read it all or went away.
-Everything about the GPU (queue, room, release) is job.py's.
+Everything about the GPU (queue, room, release) is job.py's. The OpenAI
+door's views are in openai_door.py, the GPU leases' in leases.py: both on
+this blueprint.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from .access import (LOGIN_MAX_BYTES, TOKEN_COOKIE, check_host_and_origin, given_token,
-                     token_matches, without_broker_credential)
-from .broker import Broker, Job
-from .errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
-                     PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
-                     UpstreamBadResponse)
-from .lease import Exchange
-from .models import is_openai_path
-from .metrics import render as render_metrics
-from .client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
-from .proxy import StreamedBody, request_headers, response_headers, status_line
+from ..access import (LOGIN_MAX_BYTES, TOKEN_COOKIE, check_host_and_origin, given_token,
+                      token_matches, without_broker_credential)
+from ..broker import Broker, Job
+from ..client_body import SpooledBody, client_gone, drain_body, request_body, spool_body
+from ..errors import (BadRequest, BrokerError, Forbidden, MethodNotAllowed, NotFound,
+                      PayloadTooLarge, RequestTimeout, TooManyStreams, Unauthorized,
+                      UpstreamBadResponse)
+from ..headers import request_headers, response_headers, status_line
+from ..lease import Exchange
+from ..metrics import render as render_metrics
+from ..models import is_openai_path
+from ..proxy import StreamedBody
 
 log = logging.getLogger("mgpumanager.web")
 bp = Blueprint("mgpumanager", __name__)
