@@ -2,8 +2,8 @@
 
 Each part owns one thing (docs/design.md has the long form):
 
-- ``Gpu`` (device.py): the turn on the GPU (the in-process queue, the OS
-  lock, the lease and its watchdog) and the reading.
+- ``Gpu`` and ``Gpus`` (device.py): the turn on each GPU (the in-process
+  queue, the OS lock, the lease and its watchdog) and its reading.
 - ``Jobs`` (job.py): the life of one GPU job, top to bottom.
 - ``RoomMaker`` and ``Swaps`` (room.py): the planner's decisions acted on,
   with the turn held, on a fresh reading.
@@ -23,6 +23,7 @@ threads: the idle unloader and the stop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Callable
@@ -31,7 +32,7 @@ from . import __version__
 from .clock import Clock
 from .config import Config
 from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor, HttpActions
-from .device import Gpu
+from .device import Gpu, Gpus
 from .errors import UnknownConsumer, UnknownKind
 from .gpu import GpuReader
 from .job import Job, Jobs
@@ -50,7 +51,10 @@ __all__ = ["Broker", "Job"]
 
 class Broker:
     def __init__(self, config: Config, *, reader: GpuReader | None = None,
+                 readers: dict[int, GpuReader] | None = None,
                  actions: ConsumerActions | None = None, clock: Clock | None = None):
+        """``reader`` (the one GPU's) or ``readers`` (by index) stand in for
+        the config's backend: the tests' simulated GPUs."""
         self.config = config
         self.clock = clock = clock or Clock()
         self.stats = Stats(clock)
@@ -64,24 +68,25 @@ class Broker:
         self.health = HealthMonitor(self.registry, self.actions, config.health.interval_s,
                                     on_probe=self.models.probed)
         attribute = MemoryAttribution(config, self.registry, self.stats)
-        # On a ledger, a leased program's vram_mib is counted held while it holds the GPU.
-        self.gpu = Gpu(config, clock, held_mib=lambda: self.registry.held_mib()
-                       + self.leases.held_mib(), reader=reader,
-                       on_expired=lambda lease: self.jobs.expired(lease),
-                       on_sample=lambda reading, at: (attribute(reading, at),
-                                                      self.leases.measure(reading)),
-                       on_foreign_turn=self._gpu_was_elsewhere)
-        self.order = QueueOrder(config, self.registry, latest=self.gpu.sampler.latest,
-                                live=self.gpu.live)
-        self.gpu.order_by(self.order.choose if self.order.reorders else None,
-                          self.order.estimate_wait)
+        readers = readers or ({config.devices[0].index: reader} if reader else {})
+        self.gpus = Gpus([self._gpu(d, readers.get(d.index), attribute)
+                          for d in config.devices])
+        self.gpu = self.gpus.first
+        self.order = QueueOrder(config, self.registry)
+        for gpu in self.gpus:
+            live = gpu.live
+            gpu.order_by(functools.partial(self.order.choose, gpu=gpu.index,
+                                           latest=gpu.sampler.latest, live=live,
+                                           total_mib=gpu.total_mib)
+                         if self.order.reorders else None,
+                         functools.partial(self.order.estimate_wait, gpu=gpu.index))
         swaps = Swaps(config, self.registry, self.health, self.actions, self.stats, clock)
-        self.room = RoomMaker(config, self.registry, self.health, self.actions, self.gpu, swaps,
-                              self.stats, attribute)
-        self.jobs = Jobs(config, self.registry, self.actions, self.gpu, self.order, self.room,
+        self.room = RoomMaker(config, self.registry, self.health, self.actions, self.gpus,
+                              swaps, self.stats, attribute)
+        self.jobs = Jobs(config, self.registry, self.actions, self.gpus, self.order, self.room,
                          self.stats, clock)
         self.leases = ProgramLeases(self.jobs, clock)
-        self.view = StatusView(config, self.registry, self.health, self.gpu, self.order,
+        self.view = StatusView(config, self.registry, self.health, self.gpus, self.order,
                                self.stats, clock)
         # Possibly loaded is counted held until settled. One that can be
         # neither asked (a health `loaded`, a list of its models, its
@@ -89,7 +94,7 @@ class Broker:
         # on a ledger it would refuse jobs that fit forever, and on a live
         # reading it would make any memory in use look like its own. It
         # counts as not loaded until its first job.
-        self.registry.assume_not_loaded(lambda c: not settleable(c, self.gpu.live))
+        self.registry.assume_not_loaded(lambda c: not settleable(c, self.gpus.live))
         # Non-GPU passthrough streams hold threads too; they may never take
         # the ones the queue and the status page need.
         self.streams = threading.BoundedSemaphore(
@@ -101,6 +106,16 @@ class Broker:
         self._shutdown_first: Callable[[], None] | None = None
         # Why the last config reload failed (the old config still serves), or None.
         self.config_error: str | None = None
+
+    def _gpu(self, device, reader: GpuReader | None, attribute: MemoryAttribution) -> Gpu:
+        index = device.index
+        # On a ledger, a leased program's vram_mib is counted held while it holds the GPU.
+        return Gpu(self.config, device, self.clock, reader=reader,
+                   held_mib=lambda: self.registry.held_mib(index) + self.leases.held_mib(index),
+                   on_expired=lambda lease: self.jobs.expired(lease),
+                   on_sample=lambda reading, at: (attribute(reading, at, index),
+                                                  self.leases.measure(reading, index)),
+                   on_foreign_turn=lambda: self._gpu_was_elsewhere(index))
 
     # -- what the web layer calls ---------------------------------------------------
 
@@ -146,13 +161,15 @@ class Broker:
     # -- the broker's own threads ------------------------------------------------------
 
     def start(self) -> None:
-        self.gpu.start()
+        self.gpus.start()
         self.health.start()
         threading.Thread(target=self._shutdown_watcher, name="shutdown", daemon=True).start()
         if any(c.idle_unload_s for c in self.config.consumers.values()):
             threading.Thread(target=self._idle_unloader, name="idle-unload", daemon=True).start()
         self.events.add("started", f"broker {__version__} started with {self.config.path}; "
-                        f"GPU reading from {self.gpu.reader.source}")
+                        "GPU reading from " + ", ".join(
+                            f"{g.reader.source} (GPU {g.index})" if len(self.gpus) > 1
+                            else g.reader.source for g in self.gpus))
         for warning in self.config.warnings():
             log.warning("%s: %s", self.config.path, warning)
             self.events.add("config_warning", warning)
@@ -161,14 +178,17 @@ class Broker:
         while not self._stop.wait(1.0):
             self.jobs.unload_idle()
 
-    def _gpu_was_elsewhere(self) -> None:
-        """Another process (a second broker, a second worker) had the GPU
-        since this one's last job: it may have loaded or unloaded any
-        consumer, so what can be asked is asked again before room is made."""
-        changed = self.registry.forget_loaded(lambda c: not settleable(c, self.gpu.live))
+    def _gpu_was_elsewhere(self, index: int) -> None:
+        """Another process (a second broker, a second worker) had GPU
+        ``index`` since this one's last job: it may have loaded or unloaded
+        any consumer there, so what can be asked is asked again before room
+        is made."""
+        changed = self.registry.forget_loaded(
+            lambda c: index not in c.gpus or not settleable(c, self.gpus.live))
         if changed:
-            self.events.add("beliefs_reset", "another process had the GPU since this broker's "
-                            f"last job: {', '.join(changed)} possibly loaded again")
+            self.events.add("beliefs_reset", f"another process had GPU {index} since this "
+                            f"broker's last job there: {', '.join(changed)} possibly loaded "
+                            "again", gpu=index)
 
     def _health_changed(self, name: str, ok: bool, error: str | None) -> None:
         self.events.add("health", f"{name} is {'healthy again' if ok else 'unhealthy: ' + str(error)}",
@@ -209,14 +229,14 @@ class Broker:
         # A leased program's turn ends with the worker that keeps it (a
         # reload too: the lock is this process's), as late as it can; the
         # queue is closed first, so that no lease waiting in it is granted.
-        self.gpu.lock.close("the broker is stopping; this job could not run before it does")
+        self.gpus.close_queues("the broker is stopping; this job could not run before it does")
         self.leases.end_all()
 
     def stop(self) -> None:
         self._stop.set()
         self._shutdown_requested.set()
-        self.gpu.lock.close("the broker is stopping")
+        self.gpus.close_queues("the broker is stopping")
         self.leases.end_all()
         self.health.stop()
-        self.gpu.stop()
+        self.gpus.stop()
         self.upstream.close()

@@ -48,7 +48,7 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(bind=args.bind, traffic=not args.no_traffic, duration_s=args.duration,
-                    any_ports=args.any_ports)
+                    any_ports=args.any_ports, gpus=args.gpus)
 
 
 def cmd_run(args) -> int:
@@ -65,7 +65,17 @@ def cmd_run(args) -> int:
         return EXIT_REFUSED
     return run(cmd, url=args.url or os.environ.get("MGPUMANAGER_URL") or DEFAULT_URL,
                vram_mib=args.vram, label=args.label, ttl_s=args.ttl, wait_max_s=args.wait_max,
-               grace_s=args.grace, token=token)
+               grace_s=args.grace, token=token, gpus=args.gpu)
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"GPU indices like 0 or 0,1, not {text!r}") from None
+    if any(i < 0 for i in indices) or len(set(indices)) != len(indices):
+        raise argparse.ArgumentTypeError(f"distinct GPU indices like 0 or 0,1, not {text!r}")
+    return indices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="put the simulated services on free ports, not the fixed ones")
     d.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
+    d.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="simulated GPUs: 2 puts ComfyUI on a second, 16 GiB card "
+                        "(default %(default)s)")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="run a command under a GPU lease: it waits its turn, room "
                        "is made for --vram, the GPU is held until it exits",
@@ -95,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--vram", type=int, default=0, metavar="MIB",
                    help="VRAM to make room for, in MiB (default 0)")
     r.add_argument("--label", help="shown in the status (default: the command's name)")
+    r.add_argument("--gpu", type=_gpu_list, metavar="N[,M]",
+                   help="the GPU(s) to lease, by index; the command sees only them "
+                        "(CUDA_VISIBLE_DEVICES). Default: every GPU, the command's environment "
+                        "as it is")
     r.add_argument("--ttl", type=float, metavar="S",
                    help="end the lease (and stop the command) after S seconds "
                         "(default: scheduler.job_timeout_s)")

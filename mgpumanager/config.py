@@ -17,8 +17,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .config_model import (CONFIG_ENV, DEFAULT_CONFIG, KINDS_HINT, MIN_SPARE_THREADS, Config,
-                           ConsumerConfig, GpuConfig, HealthConfig, ProxyConfig, SchedulerConfig,
-                           ServerConfig)
+                           ConsumerConfig, DeviceConfig, GpuConfig, HealthConfig, ProxyConfig,
+                           SchedulerConfig, ServerConfig)
 # The rest of the package imports these from here.
 from .config_model import Call, ModelsFrom, route_forms  # noqa: F401
 from .config_reader import (_MISSING, NAME_RE, _read_consumer, _read_lock_file, _Reader,
@@ -30,8 +30,8 @@ from .yamlsafe import read_yaml
 def parse_config(data: Any, path: str = "<config>") -> Config:
     """Turn the parsed YAML of one config file into a Config, or raise ConfigError."""
     r = _Reader()
-    top = r.section(data, "", ("server", "gpu", "health", "scheduler", "proxy", "routes",
-                              "audio_proxy", "consumers"))
+    top = r.section(data, "", ("server", "gpu", "gpus", "health", "scheduler", "proxy",
+                              "routes", "audio_proxy", "consumers"))
     if data is not None and not isinstance(data, dict):
         raise ConfigError(path, r.problems)
 
@@ -53,9 +53,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         server = dataclasses.replace(server, workers=1)
 
     gpu = read_settings(r, top.get("gpu"), "gpu", GpuConfig)
-    if gpu.backend == "ledger" and gpu.total_mib is None:
-        r.problem("gpu.total_mib", "a whole number of MiB (required for backend ledger: "
-                  "there is no reading to take the total from)")
+    devices = _read_devices(r, top.get("gpus"), gpu, mapping("gpu"))
     if gpu.backend == "sim" and gpu.sim_url is None:
         r.problem("gpu.sim_url", "the simulated GPU's URL (required for backend sim)")
 
@@ -90,7 +88,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
             r.problem(key_path("consumers", name), "a consumer name other than "
                       f"{' or '.join(sorted(RESERVED_CONSUMERS))} (the GPU leases' own)", name)
             continue
-        c = _read_consumer(r, name, node, names)
+        c = _read_consumer(r, name, node, names, [d.index for d in devices])
         if c is not None:
             consumers[c.name] = c
 
@@ -134,7 +132,43 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         raise ConfigError(path, r.problems)
     return Config(path=path, server=server, gpu=gpu, health=health, scheduler=scheduler,
                   proxy=proxy, routes=MappingProxyType(routes), audio_proxy=audio,
-                  consumers=MappingProxyType(consumers))
+                  consumers=MappingProxyType(consumers), devices=devices)
+
+
+def _read_devices(r: _Reader, node: Any, gpu: GpuConfig, gpu_node: dict
+                  ) -> tuple[DeviceConfig, ...]:
+    """``gpus:``, in index order; without it, the one GPU of ``gpu.index``."""
+    ledger = gpu.backend == "ledger"
+    if node is None:
+        if ledger and gpu.total_mib is None:
+            r.problem("gpu.total_mib", "a whole number of MiB (required for backend ledger: "
+                      "there is no reading to take the total from)")
+        return (DeviceConfig(gpu.index, gpu.total_mib),)
+    for key in ("index", "total_mib"):
+        if gpu_node.get(key) is not None:
+            r.problem(f"gpu.{key}", f"no gpu.{key} beside a gpus list (give each GPU's {key} "
+                      "in its gpus entry)")
+    if not isinstance(node, list) or not node:
+        r.problem("gpus", "a list of GPUs, each {index: N} (and total_mib for the ledger)",
+                  node)
+        return (DeviceConfig(gpu.index, gpu.total_mib),)
+    devices: dict[int, DeviceConfig] = {}
+    for i, entry in enumerate(node):
+        path = f"gpus[{i}]"
+        if isinstance(entry, dict) and entry.get("index") is None:
+            r.problem(f"{path}.index", "the GPU's index (required; as nvidia-smi numbers it)")
+            continue
+        d = read_settings(r, entry, path, DeviceConfig)
+        if not isinstance(entry, dict):
+            continue
+        if d.index in devices:
+            r.problem(f"{path}.index", "an index no other entry of gpus has", d.index)
+            continue
+        if ledger and d.total_mib is None:
+            r.problem(f"{path}.total_mib", "a whole number of MiB (required for backend "
+                      "ledger: there is no reading to take the total from)")
+        devices[d.index] = d
+    return tuple(devices[i] for i in sorted(devices)) or (DeviceConfig(gpu.index, gpu.total_mib),)
 
 
 # /v1/<kind> shares its first segment with these: a kind by one of these

@@ -81,6 +81,15 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """One GPU the broker watches: by its index (NVML's, nvidia-smi's), and
+    for the ledger backend its total. With no ``gpus:`` list there is one,
+    ``gpu.index``."""
+    index: int = setting(0, "integer", minimum=0, maximum=63)
+    total_mib: int | None = setting(None, "integer", minimum=1, what=MIB)
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     interval_s: float = setting(5.0, "seconds")
     timeout_s: float = setting(2.0, "seconds")
@@ -259,6 +268,15 @@ class ConsumerConfig:
     models: tuple[str, ...] = ()
     openai_base: str = "/v1"
     models_from: ModelsFrom | None = None
+    # The GPUs it runs on, by index (several: split evenly, taken together);
+    # always set by the reader, to the only GPU's where there is one.
+    gpus: tuple[int, ...] = (0,)
+
+    def share_mib(self, mib: int | None = None) -> int:
+        """What it holds on each of its GPUs: ``mib`` (its size) split evenly,
+        rounded up."""
+        mib = self.vram_resident_mib if mib is None else mib
+        return -(-mib // len(self.gpus))
 
     def upstream_allows(self, method: str, raw_path: str) -> bool:
         """Whether /upstream/<name>/ may forward this: every form of the path
@@ -290,6 +308,16 @@ class Config:
     routes: Mapping[str, str]
     audio_proxy: str | None
     consumers: Mapping[str, ConsumerConfig]
+    # Every GPU watched, in index order: ``gpus:``, or the one ``gpu.index``.
+    devices: tuple[DeviceConfig, ...] = (DeviceConfig(),)
+
+    @property
+    def several_gpus(self) -> bool:
+        return len(self.devices) > 1
+
+    def on_gpu(self, index: int) -> list[str]:
+        """The consumers that run on GPU ``index``."""
+        return [n for n, c in self.consumers.items() if index in c.gpus]
 
     def may_coexist(self, a: str, b: str) -> bool:
         """Symmetric: either side listing the other is enough."""
@@ -318,9 +346,10 @@ class Config:
 
     def summary(self) -> str:
         lines = [f"{self.path}: OK",
-                 f"  gpu: backend {self.gpu.backend}, index {self.gpu.index}, "
-                 f"cushion {self.gpu.cushion_mib} MiB"
-                 + (f", total {self.gpu.total_mib} MiB" if self.gpu.total_mib else ""),
+                 f"  gpu: backend {self.gpu.backend}, "
+                 + ", ".join(f"index {d.index}" + (f" ({d.total_mib} MiB)" if d.total_mib else "")
+                             for d in self.devices)
+                 + f", cushion {self.gpu.cushion_mib} MiB",
                  f"  scheduler: max_queue {self.scheduler.max_queue}, "
                  f"queue_timeout {self.scheduler.queue_timeout_s:g} s, "
                  f"policy {self.scheduler.policy}"
@@ -344,5 +373,7 @@ class Config:
                 flags.append("busy " + c.busy.path)
             if c.can_coexist_with:
                 flags.append("coexists with " + ", ".join(c.can_coexist_with))
+            if self.several_gpus:
+                flags.append("gpu " + ", ".join(map(str, c.gpus)))
             lines.append(f"  consumer {c.name}: {c.url} ({'; '.join(flags)})")
         return "\n".join(lines)

@@ -372,10 +372,42 @@ def _read_model_names(r: _Reader, node: Any, path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> ConsumerConfig | None:
+def _read_gpus(r: _Reader, node: dict, path: str, devices: list[int]) -> tuple[int, ...]:
+    """A consumer's ``gpu: N`` or ``gpus: [N, M]``: required with several GPUs."""
+    one, several = node.get("gpu"), node.get("gpus")
+    expected = f"the index of a GPU in gpus ({', '.join(map(str, devices))})"
+    if one is not None and several is not None:
+        r.problem(f"{path}.gpus", "gpu or gpus, not both")
+        return tuple(devices[:1])
+    if one is None and several is None:
+        if len(devices) > 1:
+            r.problem(f"{path}.gpu", f"{expected} (required with several GPUs: the GPU it "
+                      "runs on, or gpus: [N, M] for one that spans several)")
+        return tuple(devices[:1])
+    if one is not None:
+        if isinstance(one, bool) or one not in devices:
+            r.problem(f"{path}.gpu", expected, one)
+            return tuple(devices[:1])
+        return (one,)
+    if not isinstance(several, list) or not several:
+        r.problem(f"{path}.gpus", "a list of GPU indices", several)
+        return tuple(devices[:1])
+    found = []
+    for i, index in enumerate(several):
+        if isinstance(index, bool) or index not in devices:
+            r.problem(f"{path}.gpus[{i}]", expected, index)
+        elif index in found:
+            r.problem(f"{path}.gpus[{i}]", "a GPU not already listed", index)
+        else:
+            found.append(index)
+    return tuple(sorted(found)) or tuple(devices[:1])
+
+
+def _read_consumer(r: _Reader, name: str, node: Any, names: list[str],
+                   devices: list[int]) -> ConsumerConfig | None:
     path = f"consumers.{name}"
     node = r.section(node, path, (
-        "type", "url", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
+        "type", "url", "gpu", "gpus", "health", "paths", "vram_resident_mib", "can_coexist_with", "load",
         "unload", "busy", "gpu_routes", "not_gpu_routes", "vram_managed", "idle_unload_s",
         "read_timeout_s",
         "pids_from", "upstream_allow", "loaded_from", "models", "openai_base", "models_from"))
@@ -429,6 +461,7 @@ def _read_consumer(r: _Reader, name: str, node: Any, names: list[str]) -> Consum
         models=_read_model_names(r, node.get("models"), f"{path}.models"),
         openai_base=r.upstream_path(node, "openai_base", path, "/v1").rstrip("/"),
         models_from=_read_models_from(r, node.get("models_from"), f"{path}.models_from"),
+        gpus=_read_gpus(r, node, path, devices),
         type=preset)
     if url is None or resident is None:
         return None

@@ -160,26 +160,32 @@ class ConsumerRegistry:
         with self._lock:
             return self._states[name].loaded
 
-    def views(self) -> dict[str, ConsumerView]:
+    def views(self, gpu: int | None = None) -> dict[str, ConsumerView]:
+        """What the planner sees of each consumer; with ``gpu``, of those on
+        that GPU, each with its share of it."""
         with self._lock:
-            return {n: ConsumerView(n, s.planned_mib, s.loaded, s.last_used,
+            return {n: ConsumerView(n, s.planned_mib if gpu is None else
+                                    s.config.share_mib(s.planned_mib), s.loaded, s.last_used,
                                     s.config.vram_managed, s.config.unload is not None,
                                     reload_s=s.load_cost.mean_s,
                                     # Not a measurement older than the last change.
                                     measured_mib=(s.measured.mib if s.measured and
                                                   s.measured_at >= s.state_set_at else None),
                                     reports=s.reports)
-                    for n, s in self._states.items()}
+                    for n, s in self._states.items() if gpu is None or gpu in s.config.gpus}
 
     def costs(self) -> dict[str, Costs]:
         with self._lock:
             return {n: Costs(s.load_cost.mean_s, s.unload_cost.mean_s, s.run_cost.mean_s)
                     for n, s in self._states.items()}
 
-    def held_mib(self) -> int:
-        """What the ledger counts as used: every consumer that is or may be loaded."""
+    def held_mib(self, gpu: int | None = None) -> int:
+        """What the ledger counts as used (on ``gpu``: their shares of it):
+        every consumer that is or may be loaded."""
         with self._lock:
-            return sum(s.planned_mib for s in self._states.values() if s.loaded is not False)
+            return sum(s.planned_mib if gpu is None else s.config.share_mib(s.planned_mib)
+                       for s in self._states.values()
+                       if s.loaded is not False and (gpu is None or gpu in s.config.gpus))
 
     # -- updates -------------------------------------------------------------
 

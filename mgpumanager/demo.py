@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+import yaml
 
 from .config import CONFIG_ENV, load_config
 from .sim import start_cluster
@@ -73,10 +74,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_on_free_ports(workdir: str) -> str:
+# The second simulated card of ``demo --gpus 2``, and who runs on it.
+SECOND_GPU_MIB = 16384
+ON_SECOND_GPU = ("comfyui",)
+
+
+def config_on_free_ports(workdir: str, text: str | None = None) -> str:
     """A copy of the demo's config with every simulated service on a port
     the kernel says is free now (a busy machine may hold the fixed ones)."""
-    text = Path(DEMO_CONFIG).read_text()
+    text = Path(DEMO_CONFIG).read_text() if text is None else text
     cfg = load_config(DEMO_CONFIG)
     fixed = {urlsplit(c.url).port for c in cfg.consumers.values()}
     fixed.add(urlsplit(cfg.gpu.sim_url).port)
@@ -87,15 +93,34 @@ def config_on_free_ports(workdir: str) -> str:
     return path
 
 
+def two_gpu_config() -> str:
+    """The demo's config on two simulated cards: ComfyUI alone on the second,
+    the rest sharing the first (where whisper and ollama still swap)."""
+    data = yaml.safe_load(Path(DEMO_CONFIG).read_text())
+    data["gpus"] = [{"index": 0}, {"index": 1}]
+    for name, consumer in data["consumers"].items():
+        consumer["gpu"] = 1 if name in ON_SECOND_GPU else 0
+    return "# mgpumanager demo --gpus 2\n" + yaml.safe_dump(data, sort_keys=False)
+
+
 def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
-             duration_s: float | None = None, any_ports: bool = False) -> int:
+             duration_s: float | None = None, any_ports: bool = False, gpus: int = 1) -> int:
     workdir = tempfile.mkdtemp(prefix="mgpumanager-demo-")
-    config_path = config_on_free_ports(workdir) if any_ports else DEMO_CONFIG
+    text = two_gpu_config() if gpus == 2 else None
+    if any_ports:
+        config_path = config_on_free_ports(workdir, text)
+    elif text is not None:
+        config_path = os.path.join(workdir, "demo.yaml")
+        Path(config_path).write_text(text)
+    else:
+        config_path = DEMO_CONFIG
     cfg = load_config(config_path)
     ports = {name: urlsplit(c.url).port for name, c in cfg.consumers.items()}
     ports["gpu"] = urlsplit(cfg.gpu.sim_url).port
+    more = (SECOND_GPU_MIB,) if gpus == 2 else ()
     try:
-        cluster = start_cluster(24576, ports=ports, ollama_keep_alive_s=60)
+        cluster = start_cluster(24576, ports=ports, ollama_keep_alive_s=60, more_gpus_mib=more,
+                                placement={n: 1 for n in ON_SECOND_GPU} if more else None)
     except OSError as e:
         print(f"mgpumanager demo: cannot start the simulated consumers on ports "
               f"{sorted(ports.values())}: {e}", file=sys.stderr)

@@ -1,13 +1,19 @@
-"""One GPU: whose turn it is, and what it holds.
+"""The GPUs: whose turn it is on each, and what each holds.
 
 A ``Gpu`` owns everything there is one of per card: the in-process queue
-(``GpuLock``), the machine-wide turn (``OsLock``), the watchdog over the
-turn's lease (``LeaseWatch``), and the reading with its sampler (NVML,
-nvidia-smi, the simulator, or the ledger). A job's turn is ``take_turn``:
-its place in the queue, then the OS lock, then a lease with a deadline,
-watched; ``Lease.release()`` gives all three back in the reverse order.
-Making room and planning are not here (room.py): this is the turn, not
-what is done with it.
+(``GpuLock``), the machine-wide turn (``OsLock``, a lock file per card),
+the watchdog over the turn's lease (``LeaseWatch``), and the reading with
+its sampler (NVML, nvidia-smi, the simulator, or the ledger). A job's turn
+is ``take_turn``: its place in the queue, then the OS lock, then a lease
+with a deadline, watched; ``Lease.release()`` gives all three back in the
+reverse order.
+
+``Gpus`` is the box: every card in index order. A job whose consumer spans
+several cards takes their turns in index order (two such jobs can never
+each hold a card the other waits for) and holds them under one lease, the
+first card's; the others are its companions, given back with it. Making
+room and planning are not here (room.py): this is the turn, not what is
+done with it.
 """
 
 from __future__ import annotations
@@ -18,31 +24,35 @@ import time
 from typing import Callable
 
 from .clock import Clock
-from .config import Config
+from .config import Config, DeviceConfig
 from .gpu import GpuReader, GpuReading, GpuSampler, make_reader
 from .gpulock import Chooser, Estimator, GpuLock, Ticket
 from .lease import Lease, LeaseWatch
-from .oslock import OsLock, default_lock_file
+from .oslock import OsLock, default_lock_file, device_lock_file
 
 log = logging.getLogger("mgpumanager.device")
 
 
 class Gpu:
-    def __init__(self, config: Config, clock: Clock, *, held_mib: Callable[[], int],
-                 on_expired: Callable[[Lease], None], reader: GpuReader | None = None,
+    def __init__(self, config: Config, device: DeviceConfig, clock: Clock, *,
+                 held_mib: Callable[[], int], on_expired: Callable[[Lease], None],
+                 reader: GpuReader | None = None,
                  on_sample: Callable[[GpuReading, float], None] | None = None,
                  on_foreign_turn: Callable[[], None] | None = None):
+        self.index = device.index
+        self.total_mib = device.total_mib        # the ledger's, when configured
         self.clock = clock
         # Called as a turn begins that another process had since this one's last.
         self.on_foreign_turn = on_foreign_turn
         sched = config.scheduler
         self.job_timeout_s = sched.job_timeout_s
-        fallback_total = sum(c.vram_resident_mib for c in config.consumers.values())
-        self.reader = reader or make_reader(config.gpu, held_mib, fallback_total)
+        fallback_total = sum(config.consumers[n].share_mib() for n in config.on_gpu(self.index))
+        self.reader = reader or make_reader(config.gpu, held_mib, fallback_total, device)
         self.sampler = GpuSampler(self.reader, config.gpu.sample_interval_s, clock=clock,
                                   on_sample=on_sample)
         self.lock = GpuLock(sched.max_queue, clock=clock.now)
-        self.oslock = OsLock(sched.lock_file or default_lock_file(), clock=clock)
+        self.oslock = OsLock(device_lock_file(sched.lock_file or default_lock_file(),
+                                              self.index), clock=clock)
         self.watch = LeaseWatch(on_expired, clock=clock.now)
         clock.on_advance(self.watch.clock_moved)
         self._mutex = threading.Lock()
@@ -71,7 +81,8 @@ class Gpu:
 
     def take_turn(self, label: str, deadline: float, *, consumer: str, kind: str | None,
                   priority: int, needs_room: bool,
-                  cancelled: Callable[[], bool] | None, hold_s: float | None = None) -> Lease:
+                  cancelled: Callable[[], bool] | None, hold_s: float | None = None,
+                  watched: bool = True) -> Lease:
         """This process's turn (the queue), then the machine's (the OS lock),
         by one deadline; a lease watched until it is released, at most
         ``hold_s`` (default scheduler.job_timeout_s). Raises a BrokerError
@@ -86,9 +97,9 @@ class Gpu:
             raise
         if self.oslock.others_held_since_last and self.on_foreign_turn is not None:
             self.on_foreign_turn()
-        return self._lease(ticket, hold_s)
+        return self._lease(ticket, hold_s, watched)
 
-    def try_turn(self, label: str, consumer: str) -> Lease | None:
+    def try_turn(self, label: str, consumer: str, watched: bool = True) -> Lease | None:
         """The turn if nobody holds or waits for it, here or in another process."""
         ticket = self.lock.try_acquire(label, consumer=consumer)
         if ticket is None:
@@ -98,13 +109,14 @@ class Gpu:
             return None
         if self.oslock.others_held_since_last and self.on_foreign_turn is not None:
             self.on_foreign_turn()
-        return self._lease(ticket)
+        return self._lease(ticket, watched=watched)
 
-    def _lease(self, ticket: Ticket, hold_s: float | None = None) -> Lease:
+    def _lease(self, ticket: Ticket, hold_s: float | None = None, watched: bool = True) -> Lease:
         now = self.clock.now()
         lease = Lease(ticket.label, ticket, now, now + (hold_s or self.job_timeout_s),
                       self._released)
-        self.watch.watch(lease)
+        if watched:             # a companion is ended by the lease it belongs to
+            self.watch.watch(lease)
         with self._mutex:
             self.current = lease
             self.max_bypassed = max(self.max_bypassed, ticket.bypassed)
@@ -119,6 +131,8 @@ class Gpu:
                 self.current = None
         self.oslock.release()
         self.lock.release(lease.ticket)
+        for companion in reversed(lease.companions):
+            companion.release()
         if self.lock.has_waiting:
             # Let the woken head take the GIL now rather than after our
             # bookkeeping (measured: 0.25 ms of every hand-off).
@@ -154,3 +168,74 @@ class Gpu:
             problems.append("the GPU sampler thread died")
         return problems
 
+
+
+class Gpus:
+    """Every GPU of the box, in index order; ``first`` is the one a box with
+    one GPU has."""
+
+    def __init__(self, gpus: list[Gpu]):
+        self.all = sorted(gpus, key=lambda g: g.index)
+        self.first = self.all[0]
+        self._by_index = {g.index: g for g in self.all}
+
+    def __iter__(self):
+        return iter(self.all)
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def __getitem__(self, index: int) -> Gpu:
+        return self._by_index[index]
+
+    def of(self, indices: tuple[int, ...]) -> list[Gpu]:
+        return [self._by_index[i] for i in sorted(indices)]
+
+    @property
+    def live(self) -> bool:
+        return all(g.live for g in self.all)
+
+    def take_turns(self, gpus: list[Gpu], label: str, deadline: float, *,
+                   hold_s: float | None = None, **turn) -> Lease:
+        """The turn on each of ``gpus``, in index order, by one deadline: one
+        lease, the first card's, whose release gives back the others."""
+        lease = gpus[0].take_turn(label, deadline, hold_s=hold_s, **turn)
+        try:
+            for gpu in gpus[1:]:
+                companion = gpu.take_turn(label, deadline, hold_s=hold_s, watched=False, **turn)
+                companion.deadline = lease.deadline
+                lease.companions.append(companion)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def try_turns(self, gpus: list[Gpu], label: str, consumer: str) -> Lease | None:
+        """The turn on each of ``gpus`` if nobody holds or waits for any."""
+        lease = gpus[0].try_turn(label, consumer)
+        if lease is None:
+            return None
+        for gpu in gpus[1:]:
+            companion = gpu.try_turn(label, consumer, watched=False)
+            if companion is None:
+                lease.release()
+                return None
+            lease.companions.append(companion)
+        return lease
+
+    def start(self) -> None:
+        for g in self.all:
+            g.start()
+
+    def stop(self) -> None:
+        for g in self.all:
+            g.stop()
+
+    def close_queues(self, reason: str) -> None:
+        for g in self.all:
+            g.lock.close(reason)
+
+    def problems(self, queue_timeout_s: float) -> list[str]:
+        several = len(self.all) > 1
+        return [f"GPU {g.index}: {p}" if several else p
+                for g in self.all for p in g.problems(queue_timeout_s)]

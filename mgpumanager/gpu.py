@@ -22,7 +22,7 @@ from typing import Callable
 import requests
 
 from .clock import Clock, iso_utc
-from .config import GpuConfig
+from .config import DeviceConfig, GpuConfig
 
 log = logging.getLogger("mgpumanager.gpu")
 MIB = 1024 * 1024
@@ -187,7 +187,8 @@ class SimReader(GpuReader):
     source = "sim"
 
     def __init__(self, url: str, index: int = 0, timeout_s: float = 2.0):
-        self.url = url.rstrip("/") + "/gpu"
+        # GPU 0 at /gpu, GPU N of a simulated box with several at /gpu/N.
+        self.url = url.rstrip("/") + ("/gpu" if index == 0 else f"/gpu/{index}")
         self.index = index
         self.timeout_s = timeout_s
         self._local = threading.local()
@@ -204,29 +205,32 @@ class SimReader(GpuReader):
             return GpuReading(self.source, self.index, error=f"simulated GPU: {e}")
 
 
-def make_reader(cfg: GpuConfig, held_mib: Callable[[], int],
-                fallback_total_mib: int) -> GpuReader:
-    """Build the reader ``cfg.backend`` names; ``auto`` falls through to the ledger."""
+def make_reader(cfg: GpuConfig, held_mib: Callable[[], int], fallback_total_mib: int,
+                device: DeviceConfig | None = None) -> GpuReader:
+    """Build the reader ``cfg.backend`` names for ``device`` (default: the
+    one GPU of ``cfg.index``); ``auto`` falls through to the ledger."""
+    index, total_mib = (cfg.index, cfg.total_mib) if device is None else \
+        (device.index, device.total_mib)
     if cfg.backend == "sim":
-        return SimReader(cfg.sim_url, cfg.index)
+        return SimReader(cfg.sim_url, index)
     if cfg.backend == "ledger":
-        return LedgerReader(cfg.total_mib, held_mib, cfg.index)
+        return LedgerReader(total_mib, held_mib, index)
     failures = []
     if cfg.backend in ("auto", "nvml"):
         try:
-            return NvmlReader(cfg.index)
+            return NvmlReader(index)
         except Exception as e:                      # ImportError, NVMLError_LibraryNotFound...
             failures.append(f"NVML: {e}")
             if cfg.backend == "nvml":
-                return _BrokenReader("nvml", cfg.index, failures[-1])
+                return _BrokenReader("nvml", index, failures[-1])
     if cfg.backend in ("auto", "nvidia-smi"):
         try:
-            return NvidiaSmiReader(cfg.index, cfg.nvidia_smi)
+            return NvidiaSmiReader(index, cfg.nvidia_smi)
         except Exception as e:
             failures.append(f"nvidia-smi: {e}")
             if cfg.backend == "nvidia-smi":
-                return _BrokenReader("nvidia-smi", cfg.index, failures[-1])
-    if cfg.total_mib is not None:
+                return _BrokenReader("nvidia-smi", index, failures[-1])
+    if total_mib is not None:
         note = None
     else:
         # Without a total the ledger cannot refuse anything: everything fits,
@@ -234,7 +238,7 @@ def make_reader(cfg: GpuConfig, held_mib: Callable[[], int],
         note = ("no GPU reading (" + "; ".join(failures) + ") and gpu.total_mib is unset: "
                 "VRAM is not accounted, nothing will be evicted")
     log.info("gpu backend auto: using the ledger (%s)", "; ".join(failures))
-    return LedgerReader(cfg.total_mib or fallback_total_mib, held_mib, cfg.index, note)
+    return LedgerReader(total_mib or fallback_total_mib, held_mib, index, note)
 
 
 class _BrokenReader(GpuReader):

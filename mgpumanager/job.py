@@ -25,7 +25,7 @@ from typing import Callable
 from .clock import Clock
 from .config import Config
 from .consumers import ConsumerActions, ConsumerRegistry
-from .device import Gpu
+from .device import Gpu, Gpus
 from .errors import (Abandoned, BadRequest, BrokerError, ConsumerCoolingDown, ConsumerUnhealthy,
                      UnloadFailed)
 from .lease import JOB_TIMEOUT, Lease, LeaseCut
@@ -42,14 +42,17 @@ LEASE_KIND = "lease"
 class Job:
     """One GPU job: what it is for, and its lease on the GPU."""
 
-    def __init__(self, jobs: "Jobs", lease: Lease, consumer: str, kind: str | None,
+    def __init__(self, jobs: "Jobs", gpu: Gpu, lease: Lease, consumer: str, kind: str | None,
                  tenant: Tenant | None = None):
         self._jobs = jobs
+        self.gpu = gpu                       # the first of its GPUs: its watchdog ends the lease
         self.lease = lease
         lease.job = self
         self.consumer = consumer
         self.kind = kind
         self.tenant = tenant                 # a GPU lease's program, not a consumer
+        for companion in lease.companions:   # its turns on other GPUs show it too
+            companion.job = self
         self.on_finish: Callable[[], None] | None = None   # as it ends, before the release
         self.started = lease.granted_at
         self.evicted: list[str] = []
@@ -84,11 +87,11 @@ class Job:
 
 class Jobs:
     def __init__(self, config: Config, registry: ConsumerRegistry, actions: ConsumerActions,
-                 gpu: Gpu, order: QueueOrder, room: RoomMaker, stats: Stats, clock: Clock):
+                 gpus: Gpus, order: QueueOrder, room: RoomMaker, stats: Stats, clock: Clock):
         self.config = config
         self.registry = registry
         self.actions = actions
-        self.gpu = gpu
+        self.gpus = gpus
         self.order = order
         self.room = room
         self.stats = stats
@@ -129,15 +132,16 @@ class Jobs:
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away before its job queued")
             priority = self.order.priority(consumer, kind)
-            lease = self.gpu.take_turn(label, deadline, consumer=consumer, kind=kind,
-                                       priority=priority, needs_room=True, cancelled=cancelled,
-                                       hold_s=hold_s)
+            gpus = self.gpus_of(consumer, tenant)
+            lease = self.gpus.take_turns(gpus, label, deadline, consumer=consumer, kind=kind,
+                                         priority=priority, needs_room=True,
+                                         cancelled=cancelled, hold_s=hold_s)
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
-        job = Job(self, lease, consumer, kind, tenant)
+        job = Job(self, gpus[0], lease, consumer, kind, tenant)
         try:
-            self.room.make_room(consumer, lease, deadline, cancelled, evicted=job.evicted,
+            self.room.make_room(consumer, lease, deadline, cancelled, gpus, evicted=job.evicted,
                                 tenant=tenant)
         except BaseException as e:
             lease.release()
@@ -149,6 +153,10 @@ class Jobs:
                 self._refused(e, consumer, kind)
             raise
         return job
+
+    def gpus_of(self, consumer: str, tenant: Tenant | None = None) -> list[Gpu]:
+        return self.gpus.of(tenant.gpus if tenant is not None
+                            else self.config.consumers[consumer].gpus)
 
     def check_healthy(self, name: str, kind: str | None = None) -> None:
         cooling = self.registry.cooling_down_for(name)
@@ -187,7 +195,7 @@ class Jobs:
             # after /prompt returns, and goes on when its client has left):
             # hold the turn until it is idle, on a thread of our own so the
             # client's thread is free. The lease's deadline still bounds it.
-            self.gpu.watch.forget_client(job.lease)
+            job.gpu.watch.forget_client(job.lease)
             job.lease.forget_sockets()    # the client's connection lives on without us
             threading.Thread(target=self._release_when_idle, args=(job, ran_ok), daemon=True,
                              name=f"busy-{job.consumer}").start()
@@ -241,7 +249,7 @@ class Jobs:
         lease.expired = True
         lease.cut(JOB_TIMEOUT)
         self.stats.leases_expired.inc()
-        message = (f"{lease.label} still held the GPU {self.gpu.watch.grace_s:g} s past "
+        message = (f"{lease.label} still held the GPU {self.gpus.first.watch.grace_s:g} s past "
                    f"scheduler.job_timeout_s; the watchdog released it")
         log.warning("%s", message)
         self.stats.events.add("lease_expired", message, label=lease.label)
@@ -266,9 +274,10 @@ class Jobs:
             raise BadRequest(f"{name} has no unload route", consumer=name)
         deadline = self.clock.now() + self.config.scheduler.queue_timeout_s
         try:
-            lease = self.gpu.take_turn(f"{name}:unload", deadline, consumer=name, kind=None,
-                                       priority=self.order.priority(name, None),
-                                       needs_room=False, cancelled=cancelled)
+            lease = self.gpus.take_turns(self.gpus_of(name), f"{name}:unload", deadline,
+                                         consumer=name, kind=None,
+                                         priority=self.order.priority(name, None),
+                                         needs_room=False, cancelled=cancelled)
         except BrokerError as e:
             self._refused(e, name, None)
             raise
@@ -290,7 +299,7 @@ class Jobs:
             since = self.registry.idle_since(name)
             if since is None or now - since < c.idle_unload_s:
                 continue
-            lease = self.gpu.try_turn(f"{name}:idle-unload", name)
+            lease = self.gpus.try_turns(self.gpus_of(name), f"{name}:idle-unload", name)
             if lease is None:
                 continue                  # the GPU is busy, here or elsewhere: try later
             try:

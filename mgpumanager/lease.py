@@ -110,6 +110,8 @@ class Lease(Exchange):
         self.granted_at = granted_at          # on the clock of the LeaseWatch that watches it
         self.deadline = deadline
         self.job = None                       # the broker's Job, when it is one
+        # Its job's turns on other GPUs: released with it, never on their own.
+        self.companions: list[Lease] = []
         self.expired = False                  # released by the watchdog
         self._on_release = on_release
         self._released = False                # guarded by _mutex

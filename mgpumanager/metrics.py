@@ -26,33 +26,37 @@ class BrokerCollector:
         return []         # registered without a scrape: a reading can be an HTTP call
 
     def collect(self):
+        """Every GPU's series carry its index in the ``gpu`` label."""
         b = self.broker
-        snap = b.gpu.lock.snapshot()
-        reading = b.gpu.sampler.latest()
+        gpus = [(str(g.index), g, g.lock.snapshot(), g.sampler.latest()) for g in b.gpus]
         consumers = b.registry.snapshot()
 
         info = InfoMetricFamily("mgpumanager_gpu", "The GPU reading's source and device.",
-                                labels=["source"])
-        info.add_metric([reading.source], {"name": reading.name or "", "index": str(reading.index),
-                                           "live": str(b.gpu.live).lower(),
-                                           "error": reading.error or ""})
+                                labels=["source", "gpu"])
+        for index, g, _, reading in gpus:
+            info.add_metric([reading.source, index], {
+                "name": reading.name or "", "index": index, "live": str(g.live).lower(),
+                "error": reading.error or ""})
         yield info
         for field, help_text in (("total", "VRAM on the GPU."), ("used", "VRAM in use."),
                                  ("free", "VRAM free.")):
-            value = getattr(reading, f"{field}_mib")
             g = GaugeMetricFamily(f"mgpumanager_gpu_memory_{field}_bytes", help_text,
-                                  labels=["source"])
-            if value is not None:
-                g.add_metric([reading.source], value * MIB)
+                                  labels=["source", "gpu"])
+            for index, _, _, reading in gpus:
+                value = getattr(reading, f"{field}_mib")
+                if value is not None:
+                    g.add_metric([reading.source, index], value * MIB)
             yield g
         util = GaugeMetricFamily("mgpumanager_gpu_utilization_ratio",
-                                 "GPU utilisation, 0 to 1.", labels=["source"])
-        if reading.util_pct is not None:
-            util.add_metric([reading.source], reading.util_pct / 100)
-        yield util
+                                 "GPU utilisation, 0 to 1.", labels=["source", "gpu"])
         age = GaugeMetricFamily("mgpumanager_gpu_reading_timestamp_seconds",
-                                "When the last GPU reading was taken (Unix time).")
-        age.add_metric([], reading.sampled_at)
+                                "When the last GPU reading was taken (Unix time).",
+                                labels=["gpu"])
+        for index, _, _, reading in gpus:
+            if reading.util_pct is not None:
+                util.add_metric([reading.source, index], reading.util_pct / 100)
+            age.add_metric([index], reading.sampled_at)
+        yield util
         yield age
 
         up = GaugeMetricFamily("mgpumanager_consumer_up",
@@ -77,20 +81,22 @@ class BrokerCollector:
                  "Jobs granted the GPU ahead of an older waiting job (policy affinity)."),
                 ("swaps_saved", "mgpumanager_swaps_saved",
                  "Reordered jobs that ran without an eviction the oldest job needed.")):
-            c = CounterMetricFamily(name, help_text)
-            c.add_metric([], getattr(snap, key))
+            c = CounterMetricFamily(name, help_text, labels=["gpu"])
+            for index, _, snap, _ in gpus:
+                c.add_metric([index], getattr(snap, key))
             yield c
 
-        depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.")
-        depth.add_metric([], snap.queue_depth)
-        yield depth
-        flight = GaugeMetricFamily("mgpumanager_in_flight", "Jobs holding the GPU (0 or 1).")
-        flight.add_metric([], 1 if snap.holder else 0)
-        yield flight
+        depth = GaugeMetricFamily("mgpumanager_queue_depth", "Jobs waiting for the GPU.",
+                                  labels=["gpu"])
+        flight = GaugeMetricFamily("mgpumanager_in_flight", "Jobs holding the GPU (0 or 1).",
+                                   labels=["gpu"])
         oldest = GaugeMetricFamily("mgpumanager_oldest_queued_seconds",
-                                   "How long the oldest waiting job has waited.")
-        oldest.add_metric([], snap.oldest_queued_s or 0.0)
-        yield oldest
+                                   "How long the oldest waiting job has waited.", labels=["gpu"])
+        for index, _, snap, _ in gpus:
+            depth.add_metric([index], snap.queue_depth)
+            flight.add_metric([index], 1 if snap.holder else 0)
+            oldest.add_metric([index], snap.oldest_queued_s or 0.0)
+        yield from (depth, flight, oldest)
 
 
 def metrics_registry(broker) -> CollectorRegistry:

@@ -24,12 +24,13 @@ log = logging.getLogger("mgpumanager.order")
 
 
 class QueueOrder:
-    def __init__(self, config: Config, registry: ConsumerRegistry, *,
-                 latest: Callable[[], GpuReading], live: bool):
+    """The policy over every GPU's queue; ``choose`` and ``estimate_wait``
+    for one GPU are bound to it with ``functools.partial`` (the lock calls
+    them with the queue alone)."""
+
+    def __init__(self, config: Config, registry: ConsumerRegistry):
         self.config = config
         self.registry = registry
-        self._latest = latest
-        self._live = live
         sched = config.scheduler
         self.rules = Rules(sched.policy, sched.max_bypass, sched.max_delay_s)
 
@@ -45,24 +46,26 @@ class QueueOrder:
             return table.get(kind, 0)
         return max((table.get(k, 0) for k in self.config.kinds_of(consumer)), default=0)
 
-    def choose(self, waiting: list[Ticket], now: float) -> int:
-        """Which waiting job runs next, by schedule.py.
+    def choose(self, waiting: list[Ticket], now: float, *, gpu: int = 0,
+               latest: Callable[[], GpuReading], live: bool,
+               total_mib: int | None = None) -> int:
+        """Which job waiting for GPU ``gpu`` runs next, by schedule.py.
 
         Whether a job fits without an eviction is judged by the latest
         reading and the beliefs. The latest reading may predate the last
         load, so free memory is taken as at most the total less what is
         surely loaded; without a live reading it is the ledger's sum.
         """
-        views = self.registry.views()
-        latest = self._latest()
-        live = self._live and latest.free_mib is not None
-        total = latest.usable_mib or self.config.gpu.total_mib or sum(
+        views = self.registry.views(gpu)
+        latest_reading = latest()
+        live = live and latest_reading.free_mib is not None
+        total = latest_reading.usable_mib or total_mib or sum(
             v.resident_mib for v in views.values())
         if live:
             surely = sum(v.resident_mib if v.loaded else min(v.measured_mib or 0,
                                                               context_allowance(v.resident_mib))
                          for v in views.values() if v.loaded is not None)
-            free = min(latest.free_mib, total - surely)
+            free = min(latest_reading.free_mib, total - surely)
         else:
             free = total - sum(v.resident_mib for v in views.values() if v.loaded is not False)
         fits = {}
@@ -79,13 +82,13 @@ class QueueOrder:
                       choice.index, choice.reason)
         return choice.index
 
-    def estimate_wait(self, ahead: list[Ticket], mean_hold_s: float) -> float:
+    def estimate_wait(self, ahead: list[Ticket], mean_hold_s: float, *, gpu: int = 0) -> float:
         """Seconds until a job queued behind ``ahead`` could start: the
         running job, then each job ahead at its consumer's measured run
         time, plus a measured swap (load, and an unload) wherever the
         consumer changes to one not resident. Unmeasured: the mean hold."""
         costs = self.registry.costs()
-        resident = {n for n, v in self.registry.views().items() if v.loaded is True}
+        resident = {n for n, v in self.registry.views(gpu).items() if v.loaded is True}
         unloads = [c.unload_s for c in costs.values() if c.unload_s is not None]
         unload_s = sum(unloads) / len(unloads) if unloads else 0.0
         seconds = mean_hold_s            # the job running now

@@ -52,6 +52,18 @@ def default_lock_file() -> str:
     return preferred
 
 
+def device_lock_file(path: str, index: int) -> str:
+    """GPU ``index``'s lock file: ``path`` itself for GPU 0 (a broker from
+    before several GPUs shares it), ``gpu.1.lock`` beside ``gpu.lock`` for
+    GPU 1."""
+    if index == 0:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    if not dot or "/" in ext:
+        return f"{path}.{index}"
+    return f"{stem}.{index}.{ext}"
+
+
 def open_lock_file(path: str, *, create_dir: bool = True) -> tuple[int, bool]:
     """Open the lock file safely: never through a symbolic link, only a
     regular file, read-only where it is another user's (flock needs no

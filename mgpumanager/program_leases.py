@@ -54,15 +54,23 @@ class ProgramLease:
     ending: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)
     end_reason: str | None = None
-    measured_mib: int | None = None      # what its processes hold, by the last live reading
+    gpus: tuple[int, ...] = (0,)         # the GPUs it holds (vram_mib split evenly)
+    # What its processes hold on each GPU, by the last live reading of each.
+    measured: dict[int, int | None] = field(default_factory=dict)
     pids: tuple[int, ...] = ()
+
+    @property
+    def measured_mib(self) -> int | None:
+        values = list(self.measured.values())
+        return None if not values or None in values else sum(values)
 
     def to_json(self, now: float) -> dict:
         return {"id": self.id, "label": self.label, "vram_mib": self.vram_mib,
                 "ttl_s": self.ttl_s, "held_s": round(now - self.granted_at, 3),
                 "expires_in_s": round(max(0.0, self.granted_at + self.ttl_s - now), 3),
                 "evicted": list(self.job.evicted), "waited_s": round(self.job.wait_s, 3),
-                "pid": self.pid, "measured_mib": self.measured_mib, "pids": list(self.pids)}
+                "pid": self.pid, "measured_mib": self.measured_mib, "pids": list(self.pids),
+                "gpus": list(self.gpus)}
 
 
 class ProgramLeases:
@@ -73,16 +81,16 @@ class ProgramLeases:
         self._held: dict[str, ProgramLease] = {}
 
     def take(self, *, vram_mib: int, label: str, ttl_s: float, coexist: frozenset[str],
-             pid: int | None = None, stream: bool = False,
+             pid: int | None = None, stream: bool = False, gpus: tuple[int, ...] = (0,),
              cancelled: Callable[[], bool] | None = None) -> ProgramLease:
         """Wait for the GPU and make room; the lease, held. A BrokerError
         (queue_full, queue_timeout, insufficient_vram, ...) with nothing held."""
         # The ttl counts from the turn, as the lock's own deadline does; that
         # one comes after the ttl and the stop, for a lease whose end stuck.
-        job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist),
+        job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist, gpus),
                                     f"{LEASE_KIND}:{label}", ttl_s + STOP_S + 5.0, cancelled)
         lease = ProgramLease(secrets.token_hex(8), label, vram_mib, ttl_s, job.lease.granted_at,
-                             job, pid, stream)
+                             job, pid, stream, gpus=gpus)
         # Whoever ends the job (end(), the ttl, the watchdog) ends the lease.
         job.on_finish = lambda: self._ended(lease)
         with self._lock:
@@ -151,10 +159,10 @@ class ProgramLeases:
         with self._lock:
             return list(self._held.values())
 
-    def measure(self, reading: GpuReading, proc_root: str = "/proc") -> None:
-        """A live reading's per-process memory, given to the leases whose
-        program's process tree holds it (so it is explained, not foreign)."""
-        leases = [lease for lease in self.held() if lease.pid is not None]
+    def measure(self, reading: GpuReading, gpu: int = 0, proc_root: str = "/proc") -> None:
+        """A live reading's per-process memory on ``gpu``, given to the leases
+        whose program's process tree holds it (so it is explained, not foreign)."""
+        leases = [lease for lease in self.held() if lease.pid is not None and gpu in lease.gpus]
         if not leases or reading.processes is None:
             return
         table = ProcessTable(proc_root)
@@ -162,12 +170,13 @@ class ProgramLeases:
         for lease in leases:
             tree = table.with_descendants({lease.pid})
             held = [usage[p] for p in tree if p in usage]
-            lease.pids = tuple(sorted(p for p in tree if p in usage))
-            lease.measured_mib = None if any(m is None for m in held) else sum(held)
+            lease.pids = tuple(sorted(set(lease.pids) | {p for p in tree if p in usage}))
+            lease.measured[gpu] = None if any(m is None for m in held) else sum(held)
 
-    def held_mib(self) -> int:
-        """What the leased programs are counted to hold (the ledger's share)."""
-        return sum(lease.vram_mib for lease in self.held())
+    def held_mib(self, gpu: int = 0) -> int:
+        """What the leased programs are counted to hold on ``gpu`` (the ledger's share)."""
+        return sum(-(-lease.vram_mib // len(lease.gpus)) for lease in self.held()
+                   if gpu in lease.gpus)
 
 
 # -- what a client asks for ---------------------------------------------------------
@@ -180,9 +189,11 @@ class LeaseRequest:
     coexist: frozenset[str]
     stream: bool                 # held while this connection lasts; the answer streams
     pid: int | None = None       # the program's process, for its measured memory
+    gpus: tuple[int, ...] = (0,)
 
 
-def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> LeaseRequest:
+def read_lease_request(body, *, job_timeout_s: float, consumers: list[str],
+                       gpus: tuple[int, ...] = (0,)) -> LeaseRequest:
     """A POST /v1/leases body, checked: BadRequest naming each problem."""
     if body is None:
         body = {}
@@ -190,10 +201,11 @@ def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> L
         raise BadRequest("the body must be a JSON object like {\"vram_mib\": 8000, "
                          "\"label\": \"train\", \"ttl_s\": 3600}")
     problems = []
-    unknown = sorted(set(body) - {"vram_mib", "label", "ttl_s", "coexist", "stream", "pid"})
+    unknown = sorted(set(body) - {"vram_mib", "label", "ttl_s", "coexist", "stream", "pid",
+                                  "gpu"})
     if unknown:
         problems.append(f"unknown keys {unknown} (vram_mib, label, ttl_s, coexist, stream, "
-                        "pid)")
+                        "pid, gpu)")
     vram = body.get("vram_mib", 0)
     if isinstance(vram, bool) or not isinstance(vram, int) or not 0 <= vram <= MAX_LEASE_MIB:
         problems.append(f"vram_mib: a whole number of MiB from 0 to {MAX_LEASE_MIB}, "
@@ -223,6 +235,15 @@ def read_lease_request(body, *, job_timeout_s: float, consumers: list[str]) -> L
                             or not 0 < pid <= MAX_PID):
         problems.append("pid: the program's process id, a whole number above 0")
         pid = None
+    # Without one, every GPU: the program can see them all.
+    chosen = body.get("gpu", list(gpus))
+    chosen = [chosen] if isinstance(chosen, int) and not isinstance(chosen, bool) else chosen
+    if not isinstance(chosen, list) or not chosen or len(set(map(repr, chosen))) != len(chosen) \
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g in gpus
+                       for g in chosen):
+        problems.append(f"gpu: a GPU's index or a list of them ({', '.join(map(str, gpus))})")
+        chosen = list(gpus)
     if problems:
         raise BadRequest("; ".join(problems))
-    return LeaseRequest(vram, label, float(ttl), frozenset(coexist), stream, pid)
+    return LeaseRequest(vram, label, float(ttl), frozenset(coexist), stream, pid,
+                        tuple(sorted(chosen)))

@@ -23,7 +23,7 @@ from typing import Callable
 from .clock import Clock
 from .config import Call, Config, ConsumerConfig
 from .consumers import ConsumerActions, ConsumerRegistry, HealthMonitor
-from .device import Gpu
+from .device import Gpu, Gpus
 from .errors import Abandoned, InsufficientVram
 from .gpu import GpuReading
 from .lease import Lease
@@ -41,14 +41,18 @@ UNSURE_SETTLE_S = 1.5
 @dataclasses.dataclass(frozen=True)
 class Tenant:
     """A program the broker does not proxy (a GPU lease), as the planner
-    sees it: ``vram_mib`` to make room for, and the consumers it may stay
-    beside (none unless named)."""
+    sees it: ``vram_mib`` to make room for (split evenly over its ``gpus``,
+    as a consumer's is), and the consumers it may stay beside (none unless
+    named)."""
     name: str
     vram_mib: int
     coexist: frozenset[str] = frozenset()
+    gpus: tuple[int, ...] = (0,)
 
     def view(self) -> ConsumerView:
-        return ConsumerView(self.name, self.vram_mib, loaded=False, last_used=None)
+        """As the planner sees it on each of its GPUs."""
+        return ConsumerView(self.name, -(-self.vram_mib // len(self.gpus)), loaded=False,
+                            last_used=None)
 
     def may_coexist(self, others: Callable[[str, str], bool]) -> Callable[[str, str], bool]:
         def may(a: str, b: str) -> bool:
@@ -69,18 +73,27 @@ def settleable(c: ConsumerConfig, live: bool) -> bool:
 
 
 class MemoryAttribution:
-    """Per-process VRAM from a reading, given to the consumers it belongs to."""
+    """Per-process VRAM from a reading, given to the consumers it belongs to.
+
+    A consumer is measured on its first GPU: one spanning several holds
+    about its share on each, and more than a CUDA context there means
+    loaded, as it does on one."""
 
     def __init__(self, config: Config, registry: ConsumerRegistry, stats: Stats):
-        sources = {n: c.pids_from for n, c in config.consumers.items() if c.pids_from}
-        self.attribution = Attribution(sources) if sources else None
+        self.attributions: dict[int, Attribution] = {}
+        for d in config.devices:
+            sources = {n: c.pids_from for n, c in config.consumers.items()
+                       if c.pids_from and c.gpus[0] == d.index}
+            if sources:
+                self.attributions[d.index] = Attribution(sources)
         self.registry = registry
         self.stats = stats
 
-    def __call__(self, reading: GpuReading, taken_at: float) -> None:
-        if self.attribution is None or reading.processes is None:
+    def __call__(self, reading: GpuReading, taken_at: float, gpu: int = 0) -> None:
+        attribution = self.attributions.get(gpu)
+        if attribution is None or reading.processes is None:
             return
-        for warning in self.registry.record_measured(self.attribution.measure(reading.processes),
+        for warning in self.registry.record_measured(attribution.measure(reading.processes),
                                                      taken_at):
             log.warning("%s", warning)
             self.stats.events.add("measured_above_config", warning)
@@ -157,50 +170,71 @@ class Swaps:
         self.stats.loaded(target, (self.clock.now() - t0) * 1000)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """One job's room making, over every GPU it needs."""
+    # Unloaded (or tried) once for this job: never again. A consumer
+    # believed unloaded can be a candidate when memory is unexplained,
+    # and unloading it again frees no more the second time.
+    tried: set[str] = dataclasses.field(default_factory=set)
+    attempts: int = 0
+    asked: bool = False                  # every consumer asked what it holds
+
+
 class RoomMaker:
     def __init__(self, config: Config, registry: ConsumerRegistry, health: HealthMonitor,
-                 actions: ConsumerActions, gpu: Gpu, swaps: Swaps, stats: Stats,
+                 actions: ConsumerActions, gpus: Gpus, swaps: Swaps, stats: Stats,
                  attribute: MemoryAttribution):
         self.config = config
         self.registry = registry
         self.health = health
         self.actions = actions
-        self.gpu = gpu
+        self.gpus = gpus
         self.swaps = swaps
         self.stats = stats
         self.attribute = attribute
-        self.clock = gpu.clock
+        self.clock = gpus.first.clock
         self._busy_checked = False            # with the turn held only
-        self._last_belief_problem = None      # with the turn held only
+        self._last_belief_problem: dict[int, tuple] = {}   # per GPU, with its turn held
 
     def make_room(self, target: str, lease: Lease, deadline: float,
-                  cancelled: Callable[[], bool] | None = None, *,
-                  evicted: list[str] | None = None, tenant: Tenant | None = None) -> list[str]:
-        """Unload what may not stay beside ``target`` until it fits, then load
+                  cancelled: Callable[[], bool] | None = None, gpus: list[Gpu] | None = None,
+                  *, evicted: list[str] | None = None, tenant: Tenant | None = None
+                  ) -> list[str]:
+        """On each of ``gpus`` (the target's, whose turns ``lease`` holds),
+        unload what may not stay beside ``target`` until it fits; then load
         it. Each victim is appended to ``evicted`` as it goes (the status
         page shows them mid-swap); the list is returned. Raises
         InsufficientVram, Abandoned, or LeaseCut (the lease was cut under it).
         With ``tenant`` (a GPU lease), the target is that program: room is
         made for its ``vram_mib`` and nothing is loaded."""
-        clock, sched, reader = self.clock, self.config.scheduler, self.gpu.reader
         evicted = [] if evicted is None else evicted
-        # Unloaded (or tried) once for this job: never again. A consumer
-        # believed unloaded can be a candidate when memory is unexplained,
-        # and unloading it again frees no more the second time.
-        tried: set[str] = set()
+        # Waiting for VRAM ends with the queue's deadline or the lease's.
+        deadline = min(deadline, lease.deadline)
+        self.health.wait_first_round(self.config.health.timeout_s + 1.0)
+        if not self._busy_checked:
+            self._wait_until_idle(deadline)
+        progress = _Progress()
+        for gpu in gpus or [self.gpus.first]:
+            self._fit(gpu, target, lease, deadline, cancelled, evicted, tenant, progress)
+        c = self.config.consumers.get(target) if tenant is None else None
+        if c is not None and c.load is not None and self.registry.loaded(target) is not True:
+            lease.check()
+            self.swaps.load(target, deadline, lease)
+        return evicted
+
+    def _fit(self, gpu: Gpu, target: str, lease: Lease, deadline: float,
+             cancelled: Callable[[], bool] | None, evicted: list[str], tenant: Tenant | None,
+             progress: _Progress) -> None:
+        """Room for ``target`` on one GPU: only what runs on it is unloaded."""
+        clock, sched, reader = self.clock, self.config.scheduler, gpu.reader
+        tried = progress.tried
         # Unloaded, memory not yet shown: victim -> (free before, its size,
         # until when to wait on, whether it was surely loaded). A service can
         # free after evict_settle_s: unloading a second consumer beside one
         # surely loaded would be needless, and with nothing more to unload,
         # any of them is worth waiting for.
         unshown: dict[str, tuple[int, int, float, bool]] = {}
-        attempts = 0
-        asked = False
-        # Waiting for VRAM ends with the queue's deadline or the lease's.
-        deadline = min(deadline, lease.deadline)
-        self.health.wait_first_round(self.config.health.timeout_s + 1.0)
-        if not self._busy_checked:
-            self._wait_until_idle(deadline)
         while True:
             lease.check()
             # Every decision is checked against a fresh reading, also for a
@@ -211,20 +245,21 @@ class RoomMaker:
             if reading.free_mib is None or reading.total_mib is None:
                 log.warning("no GPU reading (%s): running %s without a VRAM check",
                             reading.error, target)
-                break
-            self.attribute(reading, taken_at)
+                return
+            self.attribute(reading, taken_at, gpu.index)
             for name, (before, size, until, _) in list(unshown.items()):
                 if reading.free_mib - before >= size // 2 or clock.now() >= until:
                     del unshown[name]
-            views = self._with_waiting(self.registry.views())
-            self._check_beliefs(views, reading)
+            views = self._with_waiting(gpu, self.registry.views(gpu.index))
+            self._check_beliefs(gpu, views, reading)
             for name in tried:
-                views[name] = dataclasses.replace(views[name], can_unload=False)
+                if name in views:
+                    views[name] = dataclasses.replace(views[name], can_unload=False)
             if tenant is not None:
                 views[target] = tenant.view()
-            plan = self.plan(target, views, reading, tenant)
-            if not asked and (plan.contradicted or not plan.fits):
-                asked = True
+            plan = self.plan(target, views, reading, tenant, gpu.live)
+            if not progress.asked and (plan.contradicted or not plan.fits):
+                progress.asked = True
                 self.health.ask_all(self.config.health.timeout_s)
                 continue
             if plan.contradicted:
@@ -235,15 +270,15 @@ class RoomMaker:
                 self.stats.events.add("belief_corrected", message, consumer=target)
                 self.registry.mark_loaded(target, None)
             if plan.never_fits:
-                raise InsufficientVram(plan.reason + "; " + self.holders(reading),
+                raise InsufficientVram(plan.reason + "; " + self.holders(reading, gpu.index),
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
             if plan.fits and not plan.victims:
-                break
+                return
             if plan.fits and any(sure for *_, sure in unshown.values()) and clock.now() < deadline:
                 clock.sleep(0.1)            # a victim's memory may still come
                 continue
-            if plan.fits and attempts < sched.evict_attempts:
-                attempts += 1
+            if plan.fits and progress.attempts < sched.evict_attempts:
+                progress.attempts += 1
                 victim = plan.victims[0]
                 tried.add(victim)
                 t0 = clock.now()
@@ -257,7 +292,7 @@ class RoomMaker:
                     # free: wait less for its memory to show.
                     settle_s = sched.evict_settle_s if sure else min(sched.evict_settle_s,
                                                                      UNSURE_SETTLE_S)
-                    if not self._settle(reading.free_mib, views[victim].resident_mib,
+                    if not self._settle(gpu, reading.free_mib, views[victim].resident_mib,
                                         plan.need_mib, min(deadline, clock.now() + settle_s)):
                         unshown[victim] = (reading.free_mib, views[victim].resident_mib,
                                            clock.now() + sched.evict_settle_s, sure)
@@ -270,27 +305,21 @@ class RoomMaker:
             # ledger that nothing will change refuses at once. A victim
             # measured still holding its memory was asked to free it.
             freeing = any((views[n].measured_mib or 0) > context_allowance(views[n].resident_mib)
-                          for n in tried)
+                          for n in tried if n in views)
             if not (plan.may_free or unshown or freeing) or clock.now() >= deadline:
-                raise InsufficientVram(f"{plan.reason}; {self.holders(reading)}",
+                raise InsufficientVram(f"{plan.reason}; {self.holders(reading, gpu.index)}",
                                        need_mib=plan.need_mib, free_mib=reading.free_mib)
             if cancelled is not None and cancelled():
                 raise Abandoned("the client went away while its job waited for VRAM")
             clock.sleep(min(1.0, max(0.0, deadline - clock.now())))
-        c = self.config.consumers.get(target) if tenant is None else None
-        if c is not None and c.load is not None and self.registry.loaded(target) is not True:
-            lease.check()
-            self.swaps.load(target, deadline, lease)
-        return evicted
 
     def plan(self, target: str, views: dict[str, ConsumerView], reading: GpuReading,
-             tenant: Tenant | None = None):
+             tenant: Tenant | None = None, live: bool = True):
         """What making room for target takes, by this reading and these beliefs."""
         coexist = self.config.may_coexist if tenant is None else \
             tenant.may_coexist(self.config.may_coexist)
         return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
-                         cushion_mib=self.config.gpu.cushion_mib, coexist=coexist,
-                         live=self.gpu.live)
+                         cushion_mib=self.config.gpu.cushion_mib, coexist=coexist, live=live)
 
     def _wait_until_idle(self, deadline: float) -> None:
         """Before this broker's first job: a service may still work for the
@@ -308,26 +337,29 @@ class RoomMaker:
             self.stats.events.add("busy_at_start", f"waited for {c.name} to finish work it "
                                   "began before this worker started", consumer=c.name)
 
-    def _with_waiting(self, views: dict[str, ConsumerView]) -> dict[str, ConsumerView]:
+    def _with_waiting(self, gpu: Gpu, views: dict[str, ConsumerView]
+                      ) -> dict[str, ConsumerView]:
         """The views with how many queued jobs each consumer has: of equally
         few victims, one the queue needs next is spared."""
-        consumers = self.gpu.lock.waiting_consumers()
+        consumers = gpu.lock.waiting_consumers()
         if not consumers:
             return views
         waiting = Counter(consumers)
         return {n: dataclasses.replace(v, waiting=waiting[n]) if waiting[n] else v
                 for n, v in views.items()}
 
-    def _settle(self, free_before: int, freed_mib: int, need_mib: int, deadline: float) -> bool:
+    def _settle(self, gpu: Gpu, free_before: int, freed_mib: int, need_mib: int,
+                deadline: float) -> bool:
         """Poll the reading until the unload shows (drivers free memory late);
         False if it did not by ``deadline``."""
         def shown() -> bool:
-            r = self.gpu.reader.read()
+            r = gpu.reader.read()
             return r.free_mib is not None and (r.free_mib >= need_mib
                                                or r.free_mib - free_before >= freed_mib // 2)
         return self.clock.wait_until(shown, deadline, 0.05)
 
-    def _check_beliefs(self, views: dict[str, ConsumerView], reading: GpuReading) -> None:
+    def _check_beliefs(self, gpu: Gpu, views: dict[str, ConsumerView],
+                       reading: GpuReading) -> None:
         """Beliefs that cannot all be true are an event and a warning (once
         per distinct state); the planner resolves them before the job runs."""
         believed = sum(v.resident_mib for v in views.values() if v.loaded is True)
@@ -335,24 +367,24 @@ class RoomMaker:
         if believed > reading.usable_mib:
             problem = (f"the consumers believed loaded hold {believed} MiB, more than the "
                        f"GPU's {reading.usable_mib} MiB")
-        elif self.gpu.live and reading.used_mib is not None and \
+        elif gpu.live and reading.used_mib is not None and \
                 believed > reading.used_mib + self.config.gpu.cushion_mib:
             problem = (f"the consumers believed loaded hold {believed} MiB, but the reading "
                        f"shows only {reading.used_mib} MiB in use")
         signature = (problem is not None,
                      tuple(sorted(n for n, v in views.items() if v.loaded is True)))
-        if problem is None or signature == self._last_belief_problem:
-            self._last_belief_problem = signature if problem else None
+        if problem is None or signature == self._last_belief_problem.get(gpu.index):
+            self._last_belief_problem[gpu.index] = signature if problem else None
             return
-        self._last_belief_problem = signature
+        self._last_belief_problem[gpu.index] = signature
         log.warning("beliefs contradicted: %s", problem)
         self.stats.events.add("beliefs_contradicted", problem, believed_mib=believed,
                               used_mib=reading.used_mib, total_mib=reading.total_mib)
 
-    def holders(self, reading: GpuReading) -> str:
+    def holders(self, reading: GpuReading, gpu: int | None = None) -> str:
         held = [f"{v.name} {v.resident_mib} MiB"
                 + (" (vram_managed)" if v.vram_managed else "")
                 + ("" if v.loaded else " (maybe)")
-                for v in self.registry.views().values() if v.loaded is not False]
+                for v in self.registry.views(gpu).values() if v.loaded is not False]
         return (f"{reading.free_mib} MiB free of {reading.total_mib} ({reading.source}); "
                 f"held: {', '.join(held) or 'nothing the broker knows of'}")

@@ -64,12 +64,15 @@ def say(message: str) -> None:
 
 
 def run(cmd: list[str], *, url: str, vram_mib: int, label: str | None, ttl_s: float | None,
-        wait_max_s: float | None, grace_s: float, token: str | None) -> int:
+        wait_max_s: float | None, grace_s: float, token: str | None,
+        gpus: list[int] | None = None) -> int:
     # Its own pid: the command is its child, and the tree's memory is the lease's.
     label = re.sub(r"[^A-Za-z0-9._ -]", "-", label or os.path.basename(cmd[0]))[:64] or "lease"
     body: dict = {"vram_mib": vram_mib, "label": label, "stream": True, "pid": os.getpid()}
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
+    if gpus:
+        body["gpu"] = gpus
     try:
         conn, sock, answer = _ask(url, body, token, wait_max_s)
     except TimeoutError:
@@ -136,6 +139,11 @@ def _run_leased(cmd: list[str], lease: dict, answer, grace_s: float) -> int:
     # The broker's token is no business of the program's.
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env[LEASE_ID_ENV] = lease["id"]
+    if gpus:
+        # Only the leased cards, numbered as nvidia-smi and NVML number them
+        # (CUDA's own default order puts the fastest card first).
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.get("gpus", gpus)))
     try:
         child = subprocess.Popen(cmd, env=env)
     except FileNotFoundError:

@@ -101,7 +101,7 @@ def broker(world, consumers, *, attribution=True, cushion=0, **scheduler):
     b = Broker(config, reader=WorldReader(world, processes=attribution),
                actions=WorldActions(world), clock=world.clock)
     if attribution:
-        b.room.attribute.attribution = WorldAttribution(set(consumers))
+        b.room.attribute.attributions[0] = WorldAttribution(set(consumers))
     return b
 
 

@@ -34,7 +34,8 @@ def test_metrics_parse_and_move_when_jobs_run(broker):
     r = requests.get(broker.url + "/metrics")
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
     before = metric_values(r.text)
-    assert before[("mgpumanager_gpu_memory_total_bytes", (("source", "sim"),))] == 24576 * 1024 ** 2
+    assert before[("mgpumanager_gpu_memory_total_bytes", (("gpu", "0"), ("source", "sim")))] \
+        == 24576 * 1024 ** 2
     assert before[("mgpumanager_consumer_up", (("consumer", "mvoice"),))] == 1.0
     assert requests.post(broker.url + "/v1/tts", json={"text": "hi"}).status_code == 200
     key = ("mgpumanager_jobs_total", (("consumer", "mvoice"), ("outcome", "ok")))

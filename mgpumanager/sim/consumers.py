@@ -114,15 +114,27 @@ class SimGpu:
 
 
 class GpuServer(SimServer):
-    """``GET /gpu``: the simulated GPU's reading, for the broker's sim backend."""
+    """``GET /gpu``: the simulated GPU's reading, for the broker's sim
+    backend; ``GET /gpu/N``: GPU N's, on a simulated box with several."""
     name = "gpu"
 
-    def __init__(self, gpu: SimGpu, **kw):
-        self.gpu = gpu
+    def __init__(self, gpu: SimGpu, *, more: list[SimGpu] = (), **kw):
+        self.gpus = [gpu, *more]
         super().__init__(**kw)
+
+    @property
+    def gpu(self) -> SimGpu:
+        return self.gpus[0]
 
     def register(self):
         self.route("GET", "/gpu", lambda r: Reply.json(self.gpu.reading()))
+        self.route("GET", r"/gpu/(\d+)", self._device)
+
+    def _device(self, req: Request) -> Reply:
+        index = int(req.path.rsplit("/", 1)[1])
+        if index >= len(self.gpus):
+            return Reply.json({"error": f"no GPU {index}"}, 404)
+        return Reply.json(self.gpus[index].reading())
 
 
 def oom_reply(e: SimOom) -> Reply:
@@ -596,12 +608,13 @@ class ComfySim(ModelServer):
 
 @dataclass
 class SimCluster:
-    gpu: SimGpu
+    gpu: SimGpu                 # GPU 0
     gpu_server: GpuServer
     mvoice: MvoiceSim
     whisper: WhisperSim
     ollama: OllamaSim
     comfyui: ComfySim
+    gpus: list[SimGpu] | None = None    # every GPU, by index
 
     @property
     def consumers(self) -> dict[str, ModelServer]:
@@ -619,19 +632,29 @@ class SimCluster:
 
 def start_cluster(total_mib: int = 24576, *, time_scale: float = 1.0,
                   ports: dict[str, int] | None = None, host: str = "127.0.0.1",
-                  ollama_keep_alive_s: float | None = None) -> SimCluster:
-    """Start the simulated GPU and the four consumers; port 0 picks free ports."""
+                  ollama_keep_alive_s: float | None = None,
+                  more_gpus_mib: tuple[int, ...] = (),
+                  placement: dict[str, int] | None = None) -> SimCluster:
+    """Start the simulated GPU and the four consumers; port 0 picks free
+    ports. ``more_gpus_mib``: GPUs 1, 2, ... beside GPU 0 (``total_mib``),
+    and ``placement`` which consumer runs on which (default GPU 0)."""
     ports = ports or {}
-    gpu = SimGpu(total_mib)
+    gpus = [SimGpu(total_mib)] + [SimGpu(mib, name=f"Simulated GPU {i} {mib // 1024} GiB")
+                                  for i, mib in enumerate(more_gpus_mib, 1)]
+    placement = placement or {}
+
+    def on(name: str) -> SimGpu:
+        return gpus[placement.get(name, 0)]
     kw = dict(time_scale=time_scale, host=host)
-    ollama = OllamaSim(gpu, port=ports.get("ollama", 0), **kw)
+    ollama = OllamaSim(on("ollama"), port=ports.get("ollama", 0), **kw)
     if ollama_keep_alive_s is not None:
         ollama.default_keep_alive_s = ollama_keep_alive_s
     cluster = SimCluster(
-        gpu=gpu, gpu_server=GpuServer(gpu, host=host, port=ports.get("gpu", 0)),
-        mvoice=MvoiceSim(gpu, port=ports.get("mvoice", 0), **kw),
-        whisper=WhisperSim(gpu, port=ports.get("whisper", 0), **kw),
-        ollama=ollama, comfyui=ComfySim(gpu, port=ports.get("comfyui", 0), **kw))
+        gpu=gpus[0], gpus=gpus,
+        gpu_server=GpuServer(gpus[0], more=gpus[1:], host=host, port=ports.get("gpu", 0)),
+        mvoice=MvoiceSim(on("mvoice"), port=ports.get("mvoice", 0), **kw),
+        whisper=WhisperSim(on("whisper"), port=ports.get("whisper", 0), **kw),
+        ollama=ollama, comfyui=ComfySim(on("comfyui"), port=ports.get("comfyui", 0), **kw))
     for s in (cluster.gpu_server, *cluster.consumers.values()):
         s.start()
     return cluster

@@ -220,7 +220,7 @@ def gpu_job(name: str, kind: str | None, target: str, body: SpooledBody | None) 
     client_sock = environ.get("gunicorn.socket")
     if client_sock is not None:
         job.lease.attach(client_sock)
-        b.gpu.watch.watch_client(job.lease, client_sock)
+        job.gpu.watch.watch_client(job.lease, client_sock)
     return forward(name, kind, target, body, job.lease, job)
 
 

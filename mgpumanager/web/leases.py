@@ -35,10 +35,11 @@ def take_lease():
     except (ValueError, RecursionError):
         raise BadRequest("the body is not JSON") from None
     asked = read_lease_request(body, job_timeout_s=b.config.scheduler.job_timeout_s,
-                               consumers=list(b.config.consumers))
+                               consumers=list(b.config.consumers),
+                               gpus=tuple(d.index for d in b.config.devices))
     lease = b.leases.take(vram_mib=asked.vram_mib, label=asked.label, ttl_s=asked.ttl_s,
                           coexist=asked.coexist, pid=asked.pid, stream=asked.stream,
-                          cancelled=client_gone(environ))
+                          gpus=asked.gpus, cancelled=client_gone(environ))
     if not asked.stream:
         resp = jsonify(lease.to_json(b.clock.now()))
         resp.status_code = 201
@@ -46,7 +47,7 @@ def take_lease():
         return resp
     client_sock = environ.get("gunicorn.socket")
     if client_sock is not None:
-        b.gpu.watch.watch_client(lease.job.lease, client_sock)
+        lease.job.gpu.watch.watch_client(lease.job.lease, client_sock)
 
     def held_while_connected():
         """The lease, then a heartbeat; when it is asked to end, a last line
