@@ -90,7 +90,7 @@ def run(cmd: list[str], *, url: str, vram_mib: int, label: str | None, ttl_s: fl
             say(f"the broker's answer broke off: {e}")
             return EXIT_TRY_LATER
         sock.settimeout(None)                 # --wait-max bounds the wait, not the run
-        return _run_leased(cmd, lease, answer, grace_s)
+        return _run_leased(cmd, lease, answer, grace_s, gpus)
     finally:
         conn.close()                          # the broker ends the lease as it closes
 
@@ -118,7 +118,8 @@ def _ask(url: str, body: dict, token: str | None, wait_max_s: float | None):
         raise
 
 
-def _run_leased(cmd: list[str], lease: dict, answer, grace_s: float) -> int:
+def _run_leased(cmd: list[str], lease: dict, answer, grace_s: float,
+                gpus: list[int] | None = None) -> int:
     ended = threading.Event()
     why: list[str] = []
 

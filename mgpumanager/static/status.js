@@ -37,22 +37,26 @@
       const fmt = FORMATS[el.dataset.fmt];
       el.textContent = fmt ? fmt(v, el) : (v == null ? "" : v);
     }
-    const gpu = status.gpu, total = gpu.total_mib || 1;
     const order = Object.keys(status.consumers);   // a consumer keeps its colour
-    let bar = gpu.holders.map((h) =>
-      `<div class="seg c${order.indexOf(h.consumer) % 6}${h.loaded ? "" : " maybe"}" style="width:${(100 * h.mib / total).toFixed(2)}%"` +
-      ` title="${esc(h.consumer)}: ${h.mib} MiB${h.loaded ? "" : " (state unknown: maybe resident)"}"><span>${esc(h.consumer)}</span></div>`).join("");
-    if (gpu.other_mib) {
-      bar += `<div class="seg other" style="width:${(100 * gpu.other_mib / total).toFixed(2)}%" title="other / unknown: ${gpu.other_mib} MiB"><span>other</span></div>`;
-    }
-    document.getElementById("vram-bar").innerHTML = bar;
-    const run = status.scheduler.running;
-    document.getElementById("running").innerHTML = !run ? "idle"
-      : run.kind === "lease" ? `GPU lease <b>${esc(run.label)}</b> for ${run.running_s.toFixed(1)} s`
-      : `running <b>${esc(run.consumer)}</b> ${esc(run.kind || "")} for ${run.running_s.toFixed(1)} s`;
-    document.getElementById("waiting").innerHTML =
-      status.scheduler.waiting_jobs.map((w) => `<li>${esc(w.label)}` +
-        (w.bypassed ? ` <span class="passed">passed ${w.bypassed}×</span>` : "") + "</li>").join("");
+    status.gpus.forEach((gpu, i) => {
+      const total = gpu.total_mib || 1;
+      let bar = gpu.holders.map((h) =>
+        `<div class="seg c${order.indexOf(h.consumer) % 6}${h.loaded ? "" : " maybe"}" style="width:${(100 * h.mib / total).toFixed(2)}%"` +
+        ` title="${esc(h.consumer)}: ${h.mib} MiB${h.loaded ? "" : " (state unknown: maybe resident)"}"><span>${esc(h.consumer)}</span></div>`).join("");
+      if (gpu.other_mib) {
+        bar += `<div class="seg other" style="width:${(100 * gpu.other_mib / total).toFixed(2)}%" title="other / unknown: ${gpu.other_mib} MiB"><span>other</span></div>`;
+      }
+      const barEl = document.getElementById(`vram-bar-${i}`);
+      if (!barEl) return;              // a card added by a reload: the next page load shows it
+      barEl.innerHTML = bar;
+      const run = gpu.queue.running;
+      document.getElementById(`running-${i}`).innerHTML = !run ? "idle"
+        : run.kind === "lease" ? `GPU lease <b>${esc(run.label)}</b> for ${run.running_s.toFixed(1)} s`
+        : `running <b>${esc(run.consumer)}</b> ${esc(run.kind || "")} for ${run.running_s.toFixed(1)} s`;
+      document.getElementById(`waiting-${i}`).innerHTML =
+        gpu.queue.waiting_jobs.map((w) => `<li>${esc(w.label)}` +
+          (w.bypassed ? ` <span class="passed">passed ${w.bypassed}×</span>` : "") + "</li>").join("");
+    });
   }
 
   function addEvents(events) {
