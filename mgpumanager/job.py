@@ -42,10 +42,11 @@ LEASE_KIND = "lease"
 class Job:
     """One GPU job: what it is for, and its lease on the GPU."""
 
-    def __init__(self, jobs: "Jobs", gpu: Gpu, lease: Lease, consumer: str, kind: str | None,
-                 tenant: Tenant | None = None):
+    def __init__(self, jobs: "Jobs", gpus: list[Gpu], lease: Lease, consumer: str,
+                 kind: str | None, tenant: Tenant | None = None):
         self._jobs = jobs
-        self.gpu = gpu                       # the first of its GPUs: its watchdog ends the lease
+        self.gpu = gpus[0]                   # the first of its GPUs: its watchdog ends the lease
+        self.gpus = [g.index for g in gpus]
         self.lease = lease
         lease.job = self
         self.consumer = consumer
@@ -139,7 +140,7 @@ class Jobs:
         except BrokerError as e:
             self._refused(e, consumer, kind)
             raise
-        job = Job(self, gpus[0], lease, consumer, kind, tenant)
+        job = Job(self, gpus, lease, consumer, kind, tenant)
         try:
             self.room.make_room(consumer, lease, deadline, cancelled, gpus, evicted=job.evicted,
                                 tenant=tenant)
@@ -205,7 +206,8 @@ class Jobs:
             self._release(job, ran_ok)    # first: the next job need not wait for the log
         fields = {"consumer": job.consumer, "kind": job.kind, "status": status, "ok": ok,
                   "wait_ms": round(job.wait_s * 1000, 1), "run_ms": round(run_s * 1000, 1),
-                  "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted}
+                  "bytes_in": bytes_in, "bytes_out": bytes_out, "evicted": job.evicted,
+                  "gpus": job.gpus}
         if job.tenant is not None:
             fields["label"] = job.lease.label
         if error:

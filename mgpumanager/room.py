@@ -130,7 +130,7 @@ class Swaps:
             log.warning("unload of %s failed: %s", victim, error)
             return False
         self.registry.mark_loaded(victim, False, counted="eviction")
-        self.stats.evicted(victim, for_whom, why, (self.clock.now() - t0) * 1000)
+        self.stats.evicted(victim, for_whom, why, (self.clock.now() - t0) * 1000, c.gpus)
         return True
 
     def load(self, target: str, deadline: float, lease: Lease) -> None:

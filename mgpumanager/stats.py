@@ -151,10 +151,11 @@ class Stats:
         self.events.add("client_error", f"a request for {consumer or 'the broker'} was "
                         f"refused ({e.code}): {e.message}", consumer=consumer, code=e.code)
 
-    def evicted(self, victim: str, for_whom: str | None, why: str, ms: float) -> None:
+    def evicted(self, victim: str, for_whom: str | None, why: str, ms: float,
+                gpus: tuple[int, ...] = (0,)) -> None:
         self.evictions.labels(victim).inc()
         self.events.add("evicted", f"unloaded {victim} {why} ({ms:.0f} ms)", consumer=victim,
-                        for_consumer=for_whom, reason=why, ms=round(ms, 1))
+                        for_consumer=for_whom, reason=why, ms=round(ms, 1), gpus=list(gpus))
         job_log.info("eviction victim=%s for=%s reason=%r ms=%.0f", victim, for_whom, why, ms,
                      extra={"fields": {"event": "eviction", "victim": victim,
                                        "for": for_whom, "reason": why, "ms": round(ms, 1)}})

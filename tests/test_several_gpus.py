@@ -484,6 +484,13 @@ def test_an_image_on_the_second_card_runs_beside_speech_on_the_first(two_cards,
     metrics = requests.get(url + "/metrics").text
     assert 'mgpumanager_gpu_memory_total_bytes{gpu="1",source="sim"}' in metrics
     assert 'mgpumanager_queue_depth{gpu="1"}' in metrics
+
+    def jobs_by_card():
+        events = requests.get(url + "/v1/events").json()["events"]
+        return {(e["consumer"], tuple(e["gpus"])) for e in events if e["type"] == "job"}
+    # A job's event is written once its answer has gone out, a moment later.
+    wait_until(lambda: jobs_by_card() >= {("comfyui", (1,)), ("mvoice", (0,))},
+               what="each job's event naming its card")
     page = requests.get(url + "/").text            # one VRAM bar and queue per card
     assert 'id="vram-bar-1"' in page and "Who holds the VRAM on GPU 1" in page
     assert 'id="waiting-0"' in page and 'id="waiting-1"' in page
