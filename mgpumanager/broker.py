@@ -120,8 +120,8 @@ class Broker:
     # -- what the web layer calls ---------------------------------------------------
 
     def start_job(self, consumer: str, kind: str | None = None, *,
-                  cancelled: Callable[[], bool] | None = None) -> Job:
-        return self.jobs.start(consumer, kind, cancelled=cancelled)
+                  cancelled: Callable[[], bool] | None = None, client_sock=None) -> Job:
+        return self.jobs.start(consumer, kind, cancelled=cancelled, client_sock=client_sock)
 
     def load(self, name: str, *, cancelled: Callable[[], bool] | None = None) -> dict:
         return self.jobs.load(name, cancelled=cancelled)

@@ -101,11 +101,15 @@ class Jobs:
     # -- start -------------------------------------------------------------------
 
     def start(self, consumer: str, kind: str | None = None, *,
-              cancelled: Callable[[], bool] | None = None) -> Job:
+              cancelled: Callable[[], bool] | None = None, client_sock=None) -> Job:
         """Wait for the GPU (in the queue's order, by one deadline), make room
         for ``consumer``, and return the running Job, whose lease holds the
-        GPU. Raises a BrokerError, with nothing held, if refused."""
+        GPU and watches ``client_sock``: the client hanging up cuts it. Raises
+        a BrokerError, with nothing held, if refused."""
         job = self._room_for(consumer, kind, f"{consumer}:{kind or 'upstream'}", cancelled)
+        if client_sock is not None:
+            job.lease.attach(client_sock)
+            job.gpu.watch.watch_client(job.lease, client_sock)
         job.started = self.clock.now()
         job.was_loaded = self.registry.loaded(consumer)
         self.registry.job_started(consumer)

@@ -167,8 +167,7 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     """Forward this request to consumer ``name``; as a GPU job if ``gpu``.
 
     A GPU job's body is received whole first (a stalled upload never holds
-    the GPU, and a client that leaves meanwhile never queues); the job's
-    lease then watches the client socket until the answer is done.
+    the GPU, and a client that leaves meanwhile never queues).
     """
     b = broker()
     environ = request.environ
@@ -176,20 +175,14 @@ def proxy(name: str, kind: str | None, upstream_path: str, *, gpu: bool) -> Resp
     target = upstream_path + (f"?{query}" if query else "")
     if not target.isascii():
         raise BadRequest("the request target must be ASCII (percent-encode other bytes)")
-    if not gpu:
-        client_sock = environ.get("gunicorn.socket")
-        b.check_healthy(name, kind)
-        if not b.streams.acquire(blocking=False):
-            limit = b.config.server.stream_limit(b.config.scheduler.max_queue)
-            raise TooManyStreams(f"{limit} requests that are no GPU job are streaming already "
-                                 "(server.max_streams)", consumer=name, kind=kind,
-                                 retry_after=1)
-        exchange = Exchange()
-        if client_sock is not None:
-            exchange.attach(client_sock)      # an upstream that breaks off cuts the answer
-        return forward(name, kind, target, request_body(environ), exchange, None,
-                       done=b.streams.release)
-    return gpu_job(name, kind, target, spooled_body(name, kind))
+    if gpu:
+        return forward(name, kind, target, spooled_body(name, kind), gpu=True)
+    b.check_healthy(name, kind)
+    if not b.streams.acquire(blocking=False):
+        limit = b.config.server.stream_limit(b.config.scheduler.max_queue)
+        raise TooManyStreams(f"{limit} requests that are no GPU job are streaming already "
+                             "(server.max_streams)", consumer=name, kind=kind, retry_after=1)
+    return forward(name, kind, target, request_body(environ), done=b.streams.release)
 
 
 def spooled_body(name: str | None, kind: str | None) -> SpooledBody | None:
@@ -206,31 +199,31 @@ def spooled_body(name: str | None, kind: str | None) -> SpooledBody | None:
     return body
 
 
-def gpu_job(name: str, kind: str | None, target: str, body: SpooledBody | None) -> Response:
-    """Queue, make room, then forward: the GPU job's life is job.py's; its
-    lease watches the client socket until the answer is done."""
+def forward(name: str, kind: str | None, target: str, body, *, gpu: bool = False,
+            done: Callable[[], None] | None = None) -> Response:
+    """Send the request upstream, as a GPU job if ``gpu``; the answer, or a
+    typed error, comes back.
+
+    A GPU job queues and makes room first (its life is job.py's: it watches
+    the client socket until the answer is done); then every way out of here
+    ends it, or hands it to the response. ``done`` is called once, when the
+    exchange is over."""
     b = broker()
     environ = request.environ
-    try:
-        job = b.start_job(name, kind, cancelled=client_gone(environ))
-    except BaseException:
-        if body is not None:
-            body.close()
-        raise
     client_sock = environ.get("gunicorn.socket")
-    if client_sock is not None:
-        job.lease.attach(client_sock)
-        job.gpu.watch.watch_client(job.lease, client_sock)
-    return forward(name, kind, target, body, job.lease, job)
-
-
-def forward(name: str, kind: str | None, target: str, body, exchange: Exchange,
-            job: Job | None, done: Callable[[], None] | None = None) -> Response:
-    """Send the request upstream; the answer, or a typed error, comes back.
-    With a job, every way out of here ends it, or hands it to the response;
-    ``done`` is called once, when the exchange is over."""
-    b = broker()
-    environ = request.environ
+    job: Job | None = None
+    if gpu:
+        try:
+            job = b.start_job(name, kind, cancelled=client_gone(environ), client_sock=client_sock)
+        except BaseException:
+            if body is not None:
+                body.close()
+            raise
+        exchange: Exchange = job.lease
+    else:
+        exchange = Exchange()
+        if client_sock is not None:
+            exchange.attach(client_sock)      # an upstream that breaks off cuts the answer
     consumer = b.config.consumers[name]
     bytes_in = body.size if isinstance(body, SpooledBody) else 0
     try:

@@ -1,6 +1,6 @@
 """The OpenAI door's views: one base URL for every OpenAI client, each
 request routed by its ``model`` (models.py decides which consumer) and run
-as a GPU job of that consumer (web.gpu_job). Errors on these paths have
+as a GPU job of that consumer (web.forward). Errors on these paths have
 OpenAI's shape (web.error_response)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from flask import Response, jsonify, request
 
 from ..errors import BadRequest, BrokerError
 from ..models import OPENAI_ROUTES, model_of
-from . import bp, broker, gpu_job, spooled_body
+from . import bp, broker, forward, spooled_body
 
 
 def openai_door(route: str) -> Response:
@@ -29,7 +29,7 @@ def openai_door(route: str) -> Response:
             b.client_error(e, None, route)
         raise
     target = f"{b.config.consumers[name].openai_base}/{route}" + (f"?{query}" if query else "")
-    return gpu_job(name, route, target, body)
+    return forward(name, route, target, body, gpu=True)
 
 
 for _route in OPENAI_ROUTES:

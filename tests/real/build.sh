@@ -31,7 +31,10 @@ t0=$(date +%s)
 log=$out/$what.log
 : >"$log"
 
-cmake_common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON
+# Portable builds (GGML_NATIVE=OFF): a -march=native llama-server died of a
+# general protection fault as its thread pool started, on a Xeon VM that
+# reports AVX-512; these servers run tiny models, speed is not the point.
+cmake_common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF
               -DGGML_OPENMP=OFF -DGGML_CCACHE=OFF)
 
 fail() { echo "build.sh $what failed; the last of $log:" >&2; tail -30 "$log" >&2; exit 1; }
