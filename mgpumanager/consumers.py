@@ -105,6 +105,7 @@ class ConsumerState:
         return {"url": c.url, "kinds": self.kinds, "healthy": self.healthy,
                 "last_probe_at": iso_utc(self.last_probe_at), "last_error": self.last_error,
                 "loaded": self.loaded, "vram_resident_mib": c.vram_resident_mib,
+                "gpus": list(c.gpus),
                 "vram_managed": c.vram_managed, "can_coexist_with": list(c.can_coexist_with),
                 "has_unload": c.unload is not None, "has_load": c.load is not None,
                 "active": self.active, "total_requests": self.total_requests,
