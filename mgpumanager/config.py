@@ -155,12 +155,13 @@ def _read_devices(r: _Reader, node: Any, gpu: GpuConfig, gpu_node: dict
     devices: dict[int, DeviceConfig] = {}
     for i, entry in enumerate(node):
         path = f"gpus[{i}]"
-        if isinstance(entry, dict) and entry.get("index") is None:
+        if not isinstance(entry, dict):
+            r.problem(path, "a GPU like {index: 0, total_mib: 24576}", entry)
+            continue
+        if entry.get("index") is None:
             r.problem(f"{path}.index", "the GPU's index (required; as nvidia-smi numbers it)")
             continue
         d = read_settings(r, entry, path, DeviceConfig)
-        if not isinstance(entry, dict):
-            continue
         if d.index in devices:
             r.problem(f"{path}.index", "an index no other entry of gpus has", d.index)
             continue

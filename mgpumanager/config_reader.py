@@ -385,7 +385,7 @@ def _read_gpus(r: _Reader, node: dict, path: str, devices: list[int]) -> tuple[i
                       "runs on, or gpus: [N, M] for one that spans several)")
         return tuple(devices[:1])
     if one is not None:
-        if isinstance(one, bool) or one not in devices:
+        if type(one) is not int or one not in devices:
             r.problem(f"{path}.gpu", expected, one)
             return tuple(devices[:1])
         return (one,)
@@ -394,7 +394,7 @@ def _read_gpus(r: _Reader, node: dict, path: str, devices: list[int]) -> tuple[i
         return tuple(devices[:1])
     found = []
     for i, index in enumerate(several):
-        if isinstance(index, bool) or index not in devices:
+        if type(index) is not int or index not in devices:
             r.problem(f"{path}.gpus[{i}]", expected, index)
         elif index in found:
             r.problem(f"{path}.gpus[{i}]", "a GPU not already listed", index)

@@ -170,8 +170,11 @@ class ConsumerRegistry:
                                     s.config.vram_managed, s.config.unload is not None,
                                     reload_s=s.load_cost.mean_s,
                                     # Not a measurement older than the last change.
-                                    measured_mib=(s.measured.mib if s.measured and
-                                                  s.measured_at >= s.state_set_at else None),
+                                    measured_mib=(
+                                        (s.measured.mib if gpu is None else
+                                         s.config.share_mib(s.measured.mib))
+                                        if s.measured and s.measured.mib is not None and
+                                        s.measured_at >= s.state_set_at else None),
                                     reports=s.reports)
                     for n, s in self._states.items() if gpu is None or gpu in s.config.gpus}
 
@@ -233,7 +236,9 @@ class ConsumerRegistry:
                 if m.mib is None:
                     continue
                 if taken_at >= s.state_set_at:
-                    s.loaded = m.mib > context_allowance(s.config.vram_resident_mib)
+                    # A context on each of its GPUs is still not loaded.
+                    s.loaded = m.mib > len(s.config.gpus) * context_allowance(
+                        s.config.share_mib())
                     s.state_set_at = taken_at
                 if m.mib > s.peak_measured_mib:
                     if m.mib > s.config.vram_resident_mib >= s.peak_measured_mib:
@@ -380,7 +385,8 @@ class HealthMonitor:
         self._first_round = threading.Event()     # every consumer answered (or not) once
         self._first_waited = False
         self._started = False
-        self._asking: set[str] = set()              # probes ask_all started, still running
+        # Probes ask_all started, still running: a second asker waits for them too.
+        self._asking: dict[str, threading.Thread] = {}
         self._asking_lock = threading.Lock()
 
     def start(self) -> None:
@@ -398,19 +404,20 @@ class HealthMonitor:
         self._first_waited = True
         return self._first_round.wait(timeout_s)
 
-    def ask_all(self, within_s: float) -> None:
-        """Probe every consumer now, all at once, and wait at most
-        ``within_s`` in all: a probe is bounded per read, not whole (an
-        answer can trickle), so a slow one is left to finish by itself."""
+    def ask_all(self, within_s: float, names: list[str] | None = None) -> None:
+        """Probe every consumer (or ``names``) now, all at once, and wait at
+        most ``within_s`` in all: a probe is bounded per read, not whole (an
+        answer can trickle), so a slow one is left to finish by itself. One
+        still being asked (from the last time, or by a job on another GPU)
+        is waited for, not asked again."""
         threads = []
-        for name in self.registry.names():
+        for name in self.registry.names() if names is None else names:
             with self._asking_lock:
-                if name in self._asking:
-                    continue              # still asking it from the last time
-                self._asking.add(name)
-            t = threading.Thread(target=self._ask, args=(name,), daemon=True,
-                                 name=f"ask-{name}")
-            t.start()
+                t = self._asking.get(name)
+                if t is None:
+                    t = self._asking[name] = threading.Thread(
+                        target=self._ask, args=(name,), daemon=True, name=f"ask-{name}")
+                    t.start()
             threads.append(t)
         deadline = time.monotonic() + within_s
         for t in threads:
@@ -423,7 +430,7 @@ class HealthMonitor:
             log.exception("health probe of %s failed", name)
         finally:
             with self._asking_lock:
-                self._asking.discard(name)
+                self._asking.pop(name, None)
             close = getattr(self.actions, "close_thread_session", None)
             if close is not None:
                 close()                   # this thread ends here

@@ -124,6 +124,16 @@ class Gpu:
                 self.max_late_s = max(self.max_late_s, ticket.granted_at - ticket.head_since)
         return lease
 
+    def hold_from_now(self, lease: Lease, hold_s: float | None = None) -> None:
+        """A spanning job's lease, all its turns held: its hold (and its
+        companions') counts from now, watched."""
+        now = self.clock.now()
+        lease.granted_at = now
+        lease.deadline = now + (hold_s or self.job_timeout_s)
+        for companion in lease.companions:
+            companion.granted_at, companion.deadline = now, lease.deadline
+        self.watch.watch(lease)
+
     def _released(self, lease: Lease) -> None:
         self.watch.unwatch(lease)
         with self._mutex:
@@ -199,15 +209,21 @@ class Gpus:
                    hold_s: float | None = None, **turn) -> Lease:
         """The turn on each of ``gpus``, in index order, by one deadline: one
         lease, the first card's, whose release gives back the others."""
-        lease = gpus[0].take_turn(label, deadline, hold_s=hold_s, **turn)
+        if len(gpus) == 1:
+            return gpus[0].take_turn(label, deadline, hold_s=hold_s, **turn)
+        # Unwatched until every turn is held: its hold begins then. Watched
+        # from the first grant, the watchdog could end it while it still
+        # waits for a later card, whose turn would then be granted to a
+        # lease already released, and never given back.
+        lease = gpus[0].take_turn(label, deadline, hold_s=hold_s, watched=False, **turn)
         try:
             for gpu in gpus[1:]:
-                companion = gpu.take_turn(label, deadline, hold_s=hold_s, watched=False, **turn)
-                companion.deadline = lease.deadline
-                lease.companions.append(companion)
+                lease.companions.append(
+                    gpu.take_turn(label, deadline, hold_s=hold_s, watched=False, **turn))
         except BaseException:
             lease.release()
             raise
+        gpus[0].hold_from_now(lease, hold_s)
         return lease
 
     def try_turns(self, gpus: list[Gpu], label: str, consumer: str) -> Lease | None:

@@ -57,7 +57,12 @@ class ProgramLease:
     gpus: tuple[int, ...] = (0,)         # the GPUs it holds (vram_mib split evenly)
     # What its processes hold on each GPU, by the last live reading of each.
     measured: dict[int, int | None] = field(default_factory=dict)
-    pids: tuple[int, ...] = ()
+    # Its processes holding memory on each GPU, by the last reading of each.
+    pids_by_gpu: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(sorted({p for pids in self.pids_by_gpu.values() for p in pids}))
 
     @property
     def measured_mib(self) -> int | None:
@@ -170,7 +175,7 @@ class ProgramLeases:
         for lease in leases:
             tree = table.with_descendants({lease.pid})
             held = [usage[p] for p in tree if p in usage]
-            lease.pids = tuple(sorted(set(lease.pids) | {p for p in tree if p in usage}))
+            lease.pids_by_gpu[gpu] = tuple(sorted(p for p in tree if p in usage))
             lease.measured[gpu] = None if any(m is None for m in held) else sum(held)
 
     def held_mib(self, gpu: int = 0) -> int:

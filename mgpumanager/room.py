@@ -86,6 +86,7 @@ class MemoryAttribution:
                        if c.pids_from and c.gpus[0] == d.index}
             if sources:
                 self.attributions[d.index] = Attribution(sources)
+        self.config = config
         self.registry = registry
         self.stats = stats
 
@@ -93,8 +94,14 @@ class MemoryAttribution:
         attribution = self.attributions.get(gpu)
         if attribution is None or reading.processes is None:
             return
-        for warning in self.registry.record_measured(attribution.measure(reading.processes),
-                                                     taken_at):
+        measured = attribution.measure(reading.processes)
+        # One spanning n GPUs holds about n times its first GPU's figure: a
+        # measurement is of its whole size, as vram_resident_mib is.
+        for name, m in list(measured.items()):
+            n = len(self.config.consumers[name].gpus)
+            if n > 1 and m.mib is not None:
+                measured[name] = dataclasses.replace(m, mib=m.mib * n)
+        for warning in self.registry.record_measured(measured, taken_at):
             log.warning("%s", warning)
             self.stats.events.add("measured_above_config", warning)
 
@@ -179,6 +186,8 @@ class _Progress:
     tried: set[str] = dataclasses.field(default_factory=set)
     attempts: int = 0
     asked: bool = False                  # every consumer asked what it holds
+    # Whom asking means: every consumer on the job's GPUs (None: every one).
+    ask: list[str] | None = None
 
 
 class RoomMaker:
@@ -194,7 +203,7 @@ class RoomMaker:
         self.stats = stats
         self.attribute = attribute
         self.clock = gpus.first.clock
-        self._busy_checked = False            # with the turn held only
+        self._busy_checked: set[int] = set()  # GPUs checked, each with its turn held
         self._last_belief_problem: dict[int, tuple] = {}   # per GPU, with its turn held
 
     def make_room(self, target: str, lease: Lease, deadline: float,
@@ -212,16 +221,37 @@ class RoomMaker:
         # Waiting for VRAM ends with the queue's deadline or the lease's.
         deadline = min(deadline, lease.deadline)
         self.health.wait_first_round(self.config.health.timeout_s + 1.0)
-        if not self._busy_checked:
-            self._wait_until_idle(deadline)
-        progress = _Progress()
-        for gpu in gpus or [self.gpus.first]:
+        gpus = gpus or [self.gpus.first]
+        unchecked = {g.index for g in gpus} - self._busy_checked
+        if unchecked:
+            self._wait_until_idle(deadline, unchecked)
+        if len(gpus) > 1:
+            # Nothing is unloaded on one card for a job that can never fit
+            # on another.
+            for gpu in gpus:
+                self._refuse_if_never_fits(gpu, target, tenant)
+        progress = _Progress(ask=[n for n in self.config.consumers
+                                  if any(g.index in self.config.consumers[n].gpus
+                                         for g in gpus)])
+        for gpu in gpus:
             self._fit(gpu, target, lease, deadline, cancelled, evicted, tenant, progress)
         c = self.config.consumers.get(target) if tenant is None else None
         if c is not None and c.load is not None and self.registry.loaded(target) is not True:
             lease.check()
             self.swaps.load(target, deadline, lease)
         return evicted
+
+    def _refuse_if_never_fits(self, gpu: Gpu, target: str, tenant: Tenant | None) -> None:
+        reading = gpu.reader.read()
+        if reading.free_mib is None or reading.total_mib is None:
+            return
+        views = self.registry.views(gpu.index)
+        if tenant is not None:
+            views[target] = tenant.view()
+        plan = self.plan(target, views, reading, tenant, gpu.live)
+        if plan.never_fits:
+            raise InsufficientVram(plan.reason + "; " + self.holders(reading, gpu.index),
+                                   need_mib=plan.need_mib, free_mib=reading.free_mib)
 
     def _fit(self, gpu: Gpu, target: str, lease: Lease, deadline: float,
              cancelled: Callable[[], bool] | None, evicted: list[str], tenant: Tenant | None,
@@ -260,7 +290,7 @@ class RoomMaker:
             plan = self.plan(target, views, reading, tenant, gpu.live)
             if not progress.asked and (plan.contradicted or not plan.fits):
                 progress.asked = True
-                self.health.ask_all(self.config.health.timeout_s)
+                self.health.ask_all(self.config.health.timeout_s, progress.ask)
                 continue
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "
@@ -321,14 +351,15 @@ class RoomMaker:
         return plan_room(target, views, free_mib=reading.free_mib, total_mib=reading.usable_mib,
                          cushion_mib=self.config.gpu.cushion_mib, coexist=coexist, live=live)
 
-    def _wait_until_idle(self, deadline: float) -> None:
-        """Before this broker's first job: a service may still work for the
-        one before it (a render ComfyUI began for the old worker of a
-        reload, or for a broker that was restarted), which held the GPU
-        until its busy probe said idle. Wait for every busy probe, once."""
-        self._busy_checked = True
+    def _wait_until_idle(self, deadline: float, gpus: set[int]) -> None:
+        """Before this broker's first job on each GPU: a service may still
+        work for the one before it (a render ComfyUI began for the old
+        worker of a reload, or for a broker that was restarted), which held
+        the GPU until its busy probe said idle. Wait for every busy probe on
+        ``gpus`` (whose turns are held), once per GPU."""
+        self._busy_checked |= gpus
         for c in self.config.consumers.values():
-            if c.busy is None:
+            if c.busy is None or not gpus & set(c.gpus):
                 continue
             if not self.actions.is_busy(c):
                 continue

@@ -40,7 +40,7 @@ class StatusView:
         return problems
 
     def _queue(self, gpu: Gpu, now: float) -> tuple[dict, object]:
-        """One GPU's queue and running job, and that job (or None)."""
+        """One GPU's queue and running job, and the lease it holds (or None)."""
         snap = gpu.lock.snapshot()
         holder_pid = (gpu.oslock.holder_pid()
                       if snap.holder or gpu.oslock.held_elsewhere() else None)
@@ -69,7 +69,7 @@ class StatusView:
             "oldest_queued_s": round(snap.oldest_queued_s, 3)
             if snap.oldest_queued_s is not None else None,
             "lock_file": {"path": gpu.oslock.path, "holder_pid": holder_pid},
-        }, job
+        }, lease
 
     def scheduler(self, queues: list[tuple[dict, object]]) -> dict:
         """The queues, the running jobs and the counters: /v1/status's
@@ -86,7 +86,11 @@ class StatusView:
         first = queues[0]
         if len(queues) == 1:
             return dict(first)
-        jobs = {id(job) for _, job in with_jobs if job is not None}
+        # A turn held without a job (an unload) counts too; a companion,
+        # the turn on another card of a lease counted already, does not.
+        leases = [lease for _, lease in with_jobs if lease is not None]
+        companions = {id(c) for lease in leases for c in lease.companions}
+        jobs = {id(lease) for lease in leases if id(lease) not in companions}
         ages = [q["oldest_queued_s"] for q in queues if q["oldest_queued_s"] is not None]
         return {
             "queue_depth": sum(q["queue_depth"] for q in queues),

@@ -87,13 +87,13 @@ class Box:
 class CardReader:
     source, live = "box", True
 
-    def __init__(self, box: Box, card: int):
-        self.box, self.card = box, card
+    def __init__(self, box: Box, card: int, total_mib: int = TOTAL):
+        self.box, self.card, self.total_mib = box, card, total_mib
 
     def read(self) -> GpuReading:
         used = self.box.used(self.card)
-        return GpuReading("box", self.card, total_mib=TOTAL, used_mib=used,
-                          free_mib=TOTAL - used)
+        return GpuReading("box", self.card, total_mib=self.total_mib, used_mib=used,
+                          free_mib=self.total_mib - used)
 
     def close(self):
         pass
@@ -116,8 +116,11 @@ class BoxActions:
 
 
 def box_broker(placement: dict[str, tuple[int, ...]], sizes: dict[str, int], *,
-               coexist: dict[str, list[str]] | None = None, queue_timeout_s: float = 300.0):
-    """A broker over two simulated cards of TOTAL MiB: (broker, box)."""
+               coexist: dict[str, list[str]] | None = None, scheduler: dict | None = None,
+               extra: dict[str, dict] | None = None, actions=BoxActions,
+               totals: tuple[int, int] = (TOTAL, TOTAL), ledger: bool = False):
+    """A broker over two simulated cards (of ``totals`` MiB; read live, or
+    on its ledger): (broker, box). ``extra``: more settings per consumer."""
     box = Box(placement, sizes)
     consumers = {}
     for i, name in enumerate(placement):
@@ -125,15 +128,17 @@ def box_broker(placement: dict[str, tuple[int, ...]], sizes: dict[str, int], *,
         consumers[name] = {"url": f"http://127.0.0.1:{i + 1}", "paths": {name: "/"},
                            "vram_resident_mib": sizes[name], "unload": {"path": "/unload"},
                            "can_coexist_with": (coexist or {}).get(name, []),
-                           **({"gpu": gpus[0]} if len(gpus) == 1 else {"gpus": list(gpus)})}
+                           **({"gpu": gpus[0]} if len(gpus) == 1 else {"gpus": list(gpus)}),
+                           **(extra or {}).get(name, {})}
     config = parse_config({
         "gpu": {"backend": "ledger", "cushion_mib": CUSHION},
-        "gpus": [{"index": 0, "total_mib": TOTAL}, {"index": 1, "total_mib": TOTAL}],
-        "scheduler": {"queue_timeout_s": queue_timeout_s, "evict_settle_s": 0,
-                      "max_queue": 64},
+        "gpus": [{"index": i, "total_mib": total} for i, total in enumerate(totals)],
+        "scheduler": {"queue_timeout_s": 300.0, "evict_settle_s": 0, "max_queue": 64,
+                      **(scheduler or {})},
         "routes": {n: n for n in placement}, "consumers": consumers}, "box.yaml")
-    broker = Broker(config, readers={0: CardReader(box, 0), 1: CardReader(box, 1)},
-                    actions=BoxActions(box), clock=FakeClock())
+    readers = None if ledger else {i: CardReader(box, i, total)
+                                   for i, total in enumerate(totals)}
+    broker = Broker(config, readers=readers, actions=actions(box), clock=FakeClock())
     for name in placement:
         broker.health.probe(name)
     return broker, box
