@@ -338,6 +338,10 @@ class Config:
             found.append(f"scheduler.{', scheduler.'.join(idle)}: no effect with "
                          "scheduler.policy fifo (they bound and order policy affinity)")
         for c in self.consumers.values():
+            apart = [o for o in c.can_coexist_with if not set(c.gpus) & set(self.consumers[o].gpus)]
+            if apart:
+                found.append(f"consumers.{c.name}.can_coexist_with: {', '.join(apart)} "
+                             "run on other GPUs: they are never in each other's way")
             if c.upstream_allow is None and not any(r.pattern == "*" for r in c.gpu_routes):
                 found.append(f"consumers.{c.name}.gpu_routes lists only some routes: any other "
                              f"request through /upstream/{c.name}/ runs without the GPU lock "

@@ -375,7 +375,9 @@ def _read_model_names(r: _Reader, node: Any, path: str) -> tuple[str, ...]:
 def _read_gpus(r: _Reader, node: dict, path: str, devices: list[int]) -> tuple[int, ...]:
     """A consumer's ``gpu: N`` or ``gpus: [N, M]``: required with several GPUs."""
     one, several = node.get("gpu"), node.get("gpus")
-    expected = f"the index of a GPU in gpus ({', '.join(map(str, devices))})"
+    expected = (f"the index of a GPU in gpus ({', '.join(map(str, devices))})"
+                if len(devices) > 1 else
+                f"{devices[0]}, the one GPU's index (gpu.index; list several in gpus)")
     if one is not None and several is not None:
         r.problem(f"{path}.gpus", "gpu or gpus, not both")
         return tuple(devices[:1])

@@ -100,6 +100,9 @@ def two_gpu_config() -> str:
     data["gpus"] = [{"index": 0}, {"index": 1}]
     for name, consumer in data["consumers"].items():
         consumer["gpu"] = 1 if name in ON_SECOND_GPU else 0
+        consumer["can_coexist_with"] = [   # across cards, it says nothing
+            o for o in consumer.get("can_coexist_with", [])
+            if (o in ON_SECOND_GPU) == (name in ON_SECOND_GPU)]
     return "# mgpumanager demo --gpus 2\n" + yaml.safe_dump(data, sort_keys=False)
 
 

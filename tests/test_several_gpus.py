@@ -570,3 +570,16 @@ def test_the_page_redraws_each_cards_bar_in_a_real_browser(two_card_broker):
             page.screenshot(path=str(out / "status-page-two-cards.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_coexistence_across_cards_is_a_warning_and_one_card_names_its_index():
+    cfg = parse_config(deep_merge(TWO_CARDS, {"consumers": {"vllm": {"gpus": None, "gpu": 0},
+                                                            "comfyui": {"can_coexist_with":
+                                                                        ["vllm"]}}}), "two.yaml")
+    assert any("consumers.comfyui.can_coexist_with: vllm run on other GPUs" in w
+               for w in cfg.warnings())
+    with pytest.raises(ConfigError) as e:
+        parse_config({"gpu": {"backend": "ledger", "total_mib": 8000}, "routes": {"x": "a"},
+                      "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"x": "/"},
+                                          "vram_resident_mib": 1, "gpu": 1}}}, "one.yaml")
+    assert "consumers.a.gpu: expected 0, the one GPU's index (gpu.index" in str(e.value)
