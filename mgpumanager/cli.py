@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
     d.add_argument("--gpus", type=int, choices=(1, 2), default=1,
-                   help="simulated GPUs: 2 puts ComfyUI on a second, 16 GiB card "
-                        "(default %(default)s)")
+                   help="simulated GPUs: 2 puts ComfyUI on a 16 GiB card of its own, the "
+                        "rest on a 12 GiB one (default %(default)s)")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="run a command under a GPU lease: it waits its turn, room "
                        "is made for --vram, the GPU is held until it exits",

@@ -74,8 +74,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The second simulated card of ``demo --gpus 2``, and who runs on it.
-SECOND_GPU_MIB = 16384
+# The simulated cards: one of 24 GiB; for ``demo --gpus 2`` a 12 GiB one
+# and a 16 GiB one, and who runs on the second.
+ONE_GPU_MIB = 24576
+TWO_GPUS_MIB = (12288, 16384)
 ON_SECOND_GPU = ("comfyui",)
 
 
@@ -95,7 +97,7 @@ def config_on_free_ports(workdir: str, text: str | None = None) -> str:
 
 def two_gpu_config() -> str:
     """The demo's config on two simulated cards: ComfyUI alone on the second,
-    the rest sharing the first (where whisper and ollama still swap)."""
+    the rest sharing the first, 12 GiB, where they still swap."""
     data = yaml.safe_load(Path(DEMO_CONFIG).read_text())
     data["gpus"] = [{"index": 0}, {"index": 1}]
     for name, consumer in data["consumers"].items():
@@ -120,9 +122,10 @@ def run_demo(bind: str = "127.0.0.1:8770", traffic: bool = True,
     cfg = load_config(config_path)
     ports = {name: urlsplit(c.url).port for name, c in cfg.consumers.items()}
     ports["gpu"] = urlsplit(cfg.gpu.sim_url).port
-    more = (SECOND_GPU_MIB,) if gpus == 2 else ()
+    first, *more = TWO_GPUS_MIB if gpus == 2 else (ONE_GPU_MIB,)
     try:
-        cluster = start_cluster(24576, ports=ports, ollama_keep_alive_s=60, more_gpus_mib=more,
+        cluster = start_cluster(first, ports=ports, ollama_keep_alive_s=60,
+                                more_gpus_mib=tuple(more),
                                 placement={n: 1 for n in ON_SECOND_GPU} if more else None)
     except OSError as e:
         print(f"mgpumanager demo: cannot start the simulated consumers on ports "

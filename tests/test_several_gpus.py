@@ -583,3 +583,13 @@ def test_coexistence_across_cards_is_a_warning_and_one_card_names_its_index():
                       "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"x": "/"},
                                           "vram_resident_mib": 1, "gpu": 1}}}, "one.yaml")
     assert "consumers.a.gpu: expected 0, the one GPU's index (gpu.index" in str(e.value)
+
+
+def test_the_two_card_demo_puts_comfyui_alone_on_the_second_card():
+    import yaml
+    from mgpumanager.demo import ON_SECOND_GPU, TWO_GPUS_MIB, two_gpu_config
+    cfg = parse_config(yaml.safe_load(two_gpu_config()), "demo.yaml")
+    assert cfg.on_gpu(1) == list(ON_SECOND_GPU) == ["comfyui"]
+    assert set(cfg.on_gpu(0)) == {"mvoice", "whisper", "ollama"} and not cfg.warnings()
+    # The rest do not all fit on the first card: it still swaps.
+    assert sum(cfg.consumers[n].vram_resident_mib for n in cfg.on_gpu(0)) > TWO_GPUS_MIB[0]
