@@ -13,11 +13,13 @@ the broker, a broker of its own on a port of its own, in one of two tiers:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +110,25 @@ def raw_exchange(port: int, request: bytes, *, half_close: bool = False,
         if half_close:
             s.shutdown(socket.SHUT_WR)
         return read_until_closed(s)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                    reason="no chromium here")
+
+
+@contextlib.contextmanager
+def chromium():
+    """Headless Chromium (Debian's, driven by Playwright), closed after."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

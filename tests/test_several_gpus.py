@@ -13,7 +13,6 @@ HTTP contract against two simulated cards.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import requests
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from conftest import deep_merge, sim_config, wait_until
+from conftest import ROOT, chromium, deep_merge, needs_chromium, sim_config, wait_until
 from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import parse_config
@@ -543,46 +542,25 @@ def test_run_with_gpu_leases_that_card_and_shows_the_command_only_it(two_card_br
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
-                    reason="no chromium here")
+@needs_chromium
 def test_the_page_redraws_each_cards_bar_in_a_real_browser(two_card_broker):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(two_card_broker.url + "/")
-            page.wait_for_selector("#live.on", timeout=10_000)
-            assert requests.post(two_card_broker.url + "/v1/consumers/comfyui/unload").ok
-            page.wait_for_function(
-                "!document.getElementById('vram-bar-1').textContent.includes('comfyui')",
-                timeout=10_000)
-            assert requests.post(two_card_broker.url + "/v1/image",
-                                 json={"prompt": {"1": {}}}).status_code == 200
-            page.wait_for_function(
-                "document.getElementById('vram-bar-1').textContent.includes('comfyui')",
-                timeout=10_000)
-            assert "comfyui" not in page.inner_text("#vram-bar-0")
-            out = Path(os.environ.get("TEST_OUTPUT", Path(__file__).parent.parent / "test-output"))
-            out.mkdir(exist_ok=True)
-            page.screenshot(path=str(out / "status-page-two-cards.png"), full_page=True)
-        finally:
-            browser.close()
-
-
-def test_coexistence_across_cards_is_a_warning_and_one_card_names_its_index():
-    cfg = parse_config(deep_merge(TWO_CARDS, {"consumers": {"vllm": {"gpus": None, "gpu": 0},
-                                                            "comfyui": {"can_coexist_with":
-                                                                        ["vllm"]}}}), "two.yaml")
-    assert any("consumers.comfyui.can_coexist_with: vllm run on other GPUs" in w
-               for w in cfg.warnings())
-    with pytest.raises(ConfigError) as e:
-        parse_config({"gpu": {"backend": "ledger", "total_mib": 8000}, "routes": {"x": "a"},
-                      "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"x": "/"},
-                                          "vram_resident_mib": 1, "gpu": 1}}}, "one.yaml")
-    assert "consumers.a.gpu: expected 0, the one GPU's index (gpu.index" in str(e.value)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(two_card_broker.url + "/")
+        page.wait_for_selector("#live.on", timeout=10_000)
+        assert requests.post(two_card_broker.url + "/v1/consumers/comfyui/unload").ok
+        page.wait_for_function(
+            "!document.getElementById('vram-bar-1').textContent.includes('comfyui')",
+            timeout=10_000)
+        assert requests.post(two_card_broker.url + "/v1/image",
+                             json={"prompt": {"1": {}}}).status_code == 200
+        page.wait_for_function(
+            "document.getElementById('vram-bar-1').textContent.includes('comfyui')",
+            timeout=10_000)
+        assert "comfyui" not in page.inner_text("#vram-bar-0")
+        out = Path(os.environ.get("TEST_OUTPUT", ROOT / "test-output"))
+        out.mkdir(exist_ok=True)
+        page.screenshot(path=str(out / "status-page-two-cards.png"), full_page=True)
 
 
 def test_the_two_card_demo_puts_comfyui_alone_on_the_second_card():

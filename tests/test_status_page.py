@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -10,9 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, wait_until
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from conftest import ROOT, chromium, needs_chromium, wait_until
 
 
 def fill_the_gpu(broker):
@@ -111,36 +108,29 @@ def test_json_log_format_writes_one_object_per_job_and_eviction(broker_with):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")
+@needs_chromium
 def test_page_updates_in_a_real_browser_without_reload(broker):
-    from playwright.sync_api import sync_playwright
     out = Path(os.environ.get("TEST_OUTPUT", ROOT / "test-output"))
     out.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(broker.url + "/")
-            page.wait_for_selector("#live.on", timeout=10_000)
-            page.evaluate("window.__notReloaded = true")
-            total = page.locator('[data-k="consumers.comfyui.total_requests"]')
-            assert total.inner_text() == "0"
-            fill_the_gpu(broker)
-            assert requests.post(broker.url + "/v1/tts", json={"text": "hello"}).ok
-            page.wait_for_function(
-                "document.querySelector('[data-k=\"consumers.comfyui.total_requests\"]').textContent === '1'",
-                timeout=10_000)
-            page.wait_for_selector("#event-list li.ev-evicted", timeout=10_000)
-            assert "unloaded comfyui to make room for mvoice" in page.inner_text("#event-list")
-            assert page.evaluate("window.__notReloaded") is True
-            page.screenshot(path=str(out / "status-page.png"), full_page=True)
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.goto(broker.url + "/")
-            phone.wait_for_selector("#live.on", timeout=10_000)
-            width = phone.evaluate("document.documentElement.scrollWidth")
-            phone.screenshot(path=str(out / "status-page-phone.png"), full_page=True)
-            assert width <= 400, f"the page scrolls sideways on a phone ({width}px)"
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(broker.url + "/")
+        page.wait_for_selector("#live.on", timeout=10_000)
+        page.evaluate("window.__notReloaded = true")
+        total = page.locator('[data-k="consumers.comfyui.total_requests"]')
+        assert total.inner_text() == "0"
+        fill_the_gpu(broker)
+        assert requests.post(broker.url + "/v1/tts", json={"text": "hello"}).ok
+        page.wait_for_function(
+            "document.querySelector('[data-k=\"consumers.comfyui.total_requests\"]').textContent === '1'",
+            timeout=10_000)
+        page.wait_for_selector("#event-list li.ev-evicted", timeout=10_000)
+        assert "unloaded comfyui to make room for mvoice" in page.inner_text("#event-list")
+        assert page.evaluate("window.__notReloaded") is True
+        page.screenshot(path=str(out / "status-page.png"), full_page=True)
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(broker.url + "/")
+        phone.wait_for_selector("#live.on", timeout=10_000)
+        width = phone.evaluate("document.documentElement.scrollWidth")
+        phone.screenshot(path=str(out / "status-page-phone.png"), full_page=True)
+        assert width <= 400, f"the page scrolls sideways on a phone ({width}px)"
