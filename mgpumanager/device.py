@@ -179,7 +179,6 @@ class Gpu:
         return problems
 
 
-
 class Gpus:
     """Every GPU of the box, in index order; ``first`` is the one a box with
     one GPU has."""

@@ -86,10 +86,12 @@ class ProgramLeases:
         self._held: dict[str, ProgramLease] = {}
 
     def take(self, *, vram_mib: int, label: str, ttl_s: float, coexist: frozenset[str],
-             pid: int | None = None, stream: bool = False, gpus: tuple[int, ...] = (0,),
+             pid: int | None = None, stream: bool = False, gpus: tuple[int, ...] | None = None,
              cancelled: Callable[[], bool] | None = None) -> ProgramLease:
-        """Wait for the GPU and make room; the lease, held. A BrokerError
-        (queue_full, queue_timeout, insufficient_vram, ...) with nothing held."""
+        """Wait for the GPU (``gpus``; default every one) and make room; the
+        lease, held. A BrokerError (queue_full, queue_timeout,
+        insufficient_vram, ...) with nothing held."""
+        gpus = gpus or tuple(g.index for g in self.jobs.gpus)
         # The ttl counts from the turn, as the lock's own deadline does; that
         # one comes after the ttl and the stop, for a lease whose end stuck.
         job = self.jobs.start_lease(Tenant(LEASE_KIND, vram_mib, coexist, gpus),

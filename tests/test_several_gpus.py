@@ -571,3 +571,19 @@ def test_the_two_card_demo_puts_comfyui_alone_on_the_second_card():
     assert set(cfg.on_gpu(0)) == {"mvoice", "whisper", "ollama"} and not cfg.warnings()
     # The rest do not all fit on the first card: it still swaps.
     assert sum(cfg.consumers[n].vram_resident_mib for n in cfg.on_gpu(0)) > TWO_GPUS_MIB[0]
+
+
+def test_a_lease_without_gpu_takes_every_card_even_the_one_of_gpu_index_1():
+    cfg = parse_config({"gpu": {"backend": "ledger", "total_mib": 8000, "index": 1},
+                        "routes": {"x": "a"},
+                        "consumers": {"a": {"url": "http://127.0.0.1:1", "paths": {"x": "/"},
+                                            "vram_resident_mib": 1}}}, "one.yaml")
+    b = Broker(cfg, clock=FakeClock())
+    lease = b.leases.take(vram_mib=100, label="x", ttl_s=10, coexist=frozenset())
+    assert lease.gpus == (1,) and b.gpus[1].current is lease.job.lease
+    b.leases.end(lease.id)
+    b.stop()
+    b2, _ = box_broker(PAIR, {"a": 1, "c": 1})
+    both = b2.leases.take(vram_mib=100, label="x", ttl_s=10, coexist=frozenset())
+    assert both.gpus == (0, 1) and b2.gpus[1].current is both.job.lease.companions[0]
+    b2.leases.end(both.id)
