@@ -80,15 +80,15 @@ class StatusView:
                 "priority": dict(self.config.scheduler.priority), **self.stats.counts()}
 
     @staticmethod
-    def _summed(with_jobs: list[tuple[dict, object]]) -> dict:
+    def _summed(with_leases: list[tuple[dict, object]]) -> dict:
         """The GPUs' queues as one: a job spanning several is one job."""
-        queues = [q for q, _ in with_jobs]
+        queues = [q for q, _ in with_leases]
         first = queues[0]
         if len(queues) == 1:
             return dict(first)
         # A turn held without a job (an unload) counts too; a companion,
         # the turn on another card of a lease counted already, does not.
-        leases = [lease for _, lease in with_jobs if lease is not None]
+        leases = [lease for _, lease in with_leases if lease is not None]
         companions = {id(c) for lease in leases for c in lease.companions}
         jobs = {id(lease) for lease in leases if id(lease) not in companions}
         ages = [q["oldest_queued_s"] for q in queues if q["oldest_queued_s"] is not None]
