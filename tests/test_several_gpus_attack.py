@@ -21,7 +21,10 @@ def test_a_spanning_job_whose_first_turn_expires_while_it_waits_for_the_second_l
     b, box = box_broker({"c": (1,), "v": (0, 1)}, {"c": 1000, "v": 2000},
                          scheduler={"queue_timeout_s": 10000, "job_timeout_s": 100},
                          extra={"v": {"can_coexist_with": ["c"]}})
-    on_one = started(b, box, "c")
+    # GPU 1 is held by a lease that outlives what follows (its hold is its
+    # ttl, not job_timeout_s): only v's own turn can expire meanwhile.
+    holder = b.leases.take(vram_mib=0, label="hold", ttl_s=1000, coexist=frozenset(),
+                           gpus=(1,))
     out = {}
 
     def spanning():
@@ -37,8 +40,8 @@ def test_a_spanning_job_whose_first_turn_expires_while_it_waits_for_the_second_l
     # A watchdog that watches v's first turn ends it now (its own thread).
     wait_until(lambda: not b.gpus[0].watch.held() or b.gpus[0].current is None, timeout=5,
                what="the watchdog to act on v's first turn, if it watches it")
-    # The job on GPU 1 ends; v gets GPU 1 after GPU 0's turn is long gone.
-    finished(box, on_one)
+    # GPU 1 is given up; v gets it, after GPU 0's turn is long gone if it was watched.
+    b.leases.end(holder.id)
     t.join(5)
     assert not t.is_alive()
     if "job" in out:
