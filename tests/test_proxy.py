@@ -193,7 +193,7 @@ def test_audio_is_streamed_from_the_audio_proxy_without_the_lock(broker, sim):
     r = requests.post(broker.url + "/v1/tts", json={"text": "hello there"})
     assert r.status_code == 200 and r.content[:4] == b"RIFF"
     audio = requests.get(broker.url + r.headers["X-Audio-Path"])
-    assert audio.status_code == 200 and audio.content == r.content
+    assert audio.status_code == 200 and audio.content == r.content, audio.text[:300]
 
 
 # gunicorn's keep-alive: the answer is closed before the next request is read.
