@@ -38,18 +38,18 @@ OPENAI_ROUTES = ("chat/completions", "completions", "embeddings", "audio/speech"
 OPENAI_PATHS = frozenset({*(f"/v1/{r}" for r in OPENAI_ROUTES), "/v1/models"})
 _OPENAI_PREFIXES = ("/v1/models/", "/v1/chat/", "/v1/audio/", "/v1/images/",
                     "/v1/completions/", "/v1/embeddings/")
-
-
-def is_openai_path(path: str) -> bool:
-    """Whether the broker's own errors on this path take OpenAI's shape:
-    the door's routes and their neighbours (a trailing slash, a model's id)."""
-    return path in OPENAI_PATHS or path.startswith(_OPENAI_PREFIXES)
 # What a multipart part's value may hold to be a model name.
 MODEL_FIELD_MAX = 1024
 PART_HEAD_MAX = 16 * 1024
 # A service's list, and the names the close-name hint compares against.
 LISTED_MAX = 10_000
 CLOSE_NAMES_FROM = 2_000
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether the broker's own errors on this path take OpenAI's shape:
+    the door's routes and their neighbours (a trailing slash, a model's id)."""
+    return path in OPENAI_PATHS or path.startswith(_OPENAI_PREFIXES)
 
 
 class ModelDirectory:

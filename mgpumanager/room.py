@@ -185,9 +185,8 @@ class _Progress:
     # and unloading it again frees no more the second time.
     tried: set[str] = dataclasses.field(default_factory=set)
     attempts: int = 0
-    asked: bool = False                  # every consumer asked what it holds
-    # Whom asking means: every consumer on the job's GPUs (None: every one).
-    ask: list[str] | None = None
+    asked: bool = False                  # the consumers on its GPUs asked what they hold
+    gpus: tuple[int, ...] = ()
 
 
 class RoomMaker:
@@ -230,9 +229,7 @@ class RoomMaker:
             # on another.
             for gpu in gpus:
                 self._refuse_if_never_fits(gpu, target, tenant)
-        progress = _Progress(ask=[n for n in self.config.consumers
-                                  if any(g.index in self.config.consumers[n].gpus
-                                         for g in gpus)])
+        progress = _Progress(gpus=tuple(g.index for g in gpus))
         for gpu in gpus:
             self._fit(gpu, target, lease, deadline, cancelled, evicted, tenant, progress)
         c = self.config.consumers.get(target) if tenant is None else None
@@ -290,7 +287,8 @@ class RoomMaker:
             plan = self.plan(target, views, reading, tenant, gpu.live)
             if not progress.asked and (plan.contradicted or not plan.fits):
                 progress.asked = True
-                self.health.ask_all(self.config.health.timeout_s, progress.ask)
+                self.health.ask_all(self.config.health.timeout_s, list(dict.fromkeys(
+                    n for g in progress.gpus for n in self.config.on_gpu(g))))
                 continue
             if plan.contradicted:
                 message = (f"{target} was believed resident, but the reading "

@@ -128,10 +128,10 @@ class GpuServer(SimServer):
 
     def register(self):
         self.route("GET", "/gpu", lambda r: Reply.json(self.gpu.reading()))
-        self.route("GET", r"/gpu/(\d+)", self._device)
+        self.route("GET", r"/gpu/(?P<index>[0-9]+)", self._device)
 
     def _device(self, req: Request) -> Reply:
-        index = int(req.path.rsplit("/", 1)[1])
+        index = int(req.params["index"])
         if index >= len(self.gpus):
             return Reply.json({"error": f"no GPU {index}"}, 404)
         return Reply.json(self.gpus[index].reading())

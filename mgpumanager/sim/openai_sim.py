@@ -58,6 +58,16 @@ class OpenAISim(ModelServer):
             return oom_reply(e)
         return None
 
+    def _served(self, model: str, kind: str) -> Reply | None:
+        """Load if need be and do ``kind``'s work on the GPU; a reply if the
+        request cannot be served."""
+        refused = self._start(model)
+        if refused:
+            return refused
+        with self.gpu.job(self.name, kind):
+            self.sleep(self.work_s)
+        return None
+
     def _json(self, req: Request) -> dict:
         try:
             body = req.json()
@@ -91,44 +101,28 @@ class OpenAISim(ModelServer):
     def embeddings(self, req: Request) -> Reply:
         body = self._json(req)
         model = str(body.get("model"))
-        refused = self._start(model)
+        refused = self._served(model, "embed")
         if refused:
             return refused
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
-        with self.gpu.job(self.name, "embed"):
-            self.sleep(self.work_s)
         return Reply.json({"object": "list", "model": model, "data": [
             {"object": "embedding", "index": i, "embedding": [0.1, 0.2, float(len(str(x)))]}
             for i, x in enumerate(inputs)], "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
     def speech(self, req: Request) -> Reply:
-        body = self._json(req)
-        refused = self._start(str(body.get("model")))
-        if refused:
-            return refused
-        with self.gpu.job(self.name, "tts"):
-            self.sleep(self.work_s)
-        return Reply(200, wav_bytes(0.1), content_type="audio/wav")
+        refused = self._served(str(self._json(req).get("model")), "tts")
+        return refused or Reply(200, wav_bytes(0.1), content_type="audio/wav")
 
     def transcription(self, req: Request) -> Reply:
         data = req.body()
         model = _form_field(data, req.headers.get("Content-Type") or "", "model")
-        refused = self._start(str(model))
-        if refused:
-            return refused
-        with self.gpu.job(self.name, "stt"):
-            self.sleep(self.work_s)
-        return Reply.json({"text": f"simulated transcript of {len(data)} bytes"})
+        refused = self._served(str(model), "stt")
+        return refused or Reply.json({"text": f"simulated transcript of {len(data)} bytes"})
 
     def image(self, req: Request) -> Reply:
-        body = self._json(req)
-        refused = self._start(str(body.get("model")))
-        if refused:
-            return refused
-        with self.gpu.job(self.name, "image"):
-            self.sleep(self.work_s)
-        return Reply.json({"created": int(time.time()), "data": [
+        refused = self._served(str(self._json(req).get("model")), "image")
+        return refused or Reply.json({"created": int(time.time()), "data": [
             {"b64_json": base64.b64encode(b"\x89PNG sim").decode()}]})
 
 
