@@ -71,7 +71,7 @@ class Broker:
         readers = readers or ({config.devices[0].index: reader} if reader else {})
         self.gpus = Gpus([self._gpu(d, readers.get(d.index), attribute)
                           for d in config.devices])
-        self.gpu = self.gpus.first
+        self.gpu = self.gpus.first              # card 0: all a one-GPU box has
         self.order = QueueOrder(config, self.registry)
         for gpu in self.gpus:
             live = gpu.live
