@@ -40,15 +40,22 @@ from bench import (Target, broker_config, cpu_seconds, machine, pct, small_posts
                    start_broker, start_upstream, stop)
 
 
-def start_handwritten(tmp: Path, upstream: str) -> tuple[subprocess.Popen, int, int]:
-    log_path = tmp / "handwritten.log"
+# bench/stack_floor.py's apps: what the stack costs before any proxy work.
+FLOORS = ("answer", "raw_proxy", "urllib3_proxy")
+
+
+def start_handwritten(tmp: Path, upstream: str,
+                      app: str = "handwritten_proxy:app") -> tuple[subprocess.Popen, int, int]:
+    """A Flask app of bench/ (module:name) under gunicorn's gthread worker,
+    as the broker runs; (process, port, the worker's pid) once it answers."""
+    log_path = tmp / f"{app.replace(':', '-')}.log"
     env = dict(os.environ, UPSTREAM=upstream, MALLOC_ARENA_MAX="1")
     env.pop("GUNICORN_CMD_ARGS", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "gthread",
                                  "--threads", "40", "-w", "1", "-b", "127.0.0.1:0",
                                  "--no-control-socket", "--chdir", str(ROOT / "bench"),
-                                 "handwritten_proxy:app"],
+                                 app],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
@@ -91,6 +98,10 @@ def run(reps: int, n: int) -> dict:
         targets = [(Target("direct", up_port, ""), None),
                    (Target("handwritten", hport, "/v1"), hpid),
                    (Target("broker", int(burl.rsplit(":", 1)[1]), "/v1"), bpid)]
+        for floor in FLOORS:
+            fproc, fport, fpid = start_handwritten(tmp, upstream, f"stack_floor:{floor}")
+            procs.append(fproc)
+            targets.append((Target(floor, fport, "/v1"), fpid))
         for t, _ in targets:
             small_posts(t, 300, 1)                      # warm-up
             small_posts(t, 300, 8)
@@ -105,10 +116,11 @@ def run(reps: int, n: int) -> dict:
             stop(p)
 
 
-def ratios(rows: list[dict]) -> dict:
+def ratios(rows: list[dict], name: str = "broker") -> dict:
+    """``name`` against the hand-written proxy, paired per repetition."""
     out = {"cpu": [], "latency": [], "rps": []}
     for row in rows:
-        d, h, b = row["direct"], row["handwritten"], row["broker"]
+        d, h, b = row["direct"], row["handwritten"], row[name]
         out["cpu"].append(b["cpu_us_8"] / h["cpu_us_8"])
         out["latency"].append((b["p50_1_ms"] - d["p50_1_ms"]) / (h["p50_1_ms"] - d["p50_1_ms"]))
         out["rps"].append(b["rps_8"] / h["rps_8"])
@@ -137,7 +149,43 @@ def report(r: dict, command: str) -> str:
           f"({', '.join(f'{x:.2f}' for x in q['rps']['each'])}) |",
           "", f"Direct to the upstream: p50 {d:.3f} ms at 1 client, "
           f"{med('direct', 'rps_8'):.0f} requests/s at 8 clients.", ""]
+    if all(f in rows[0] for f in FLOORS):
+        L += floors(rows, med, d)
     return "\n".join(L)
+
+
+def floors(rows: list[dict], med, d: float) -> list[str]:
+    """The stack's floors (bench/stack_floor.py) beside the goal of 0.6x."""
+    each = lambda q, k: ", ".join(f"{x:.2f}" for x in q[k]["each"])  # noqa: E731
+    L = ["## The stack's floors, in the same run", "",
+         "`answer`: a Flask view under the same gunicorn worker that answers itself (no "
+         "upstream, no lock). `raw_proxy`: one global lock and a kept-alive socket per "
+         "thread, the answer read by its Content-Length, nothing checked (the least a proxy "
+         "on this stack can do; not a proxy to run). `urllib3_proxy`: `raw_proxy` with the "
+         "upstream call through urllib3's pool, streamed, as the broker makes it.", "",
+         "| per small GPU POST | `answer` | `raw_proxy` | `urllib3_proxy` | "
+         "`raw_proxy` / hand-written | 0.6x hand-written (the goal) |",
+         "|---|---|---|---|---|---|"]
+    q = ratios(rows, "raw_proxy")
+    h_cpu, h_lat = med("handwritten", "cpu_us_8"), med("handwritten", "p50_1_ms") - d
+    L += [f"| CPU at 8 clients | {med('answer', 'cpu_us_8'):.0f} µs | "
+          f"{med('raw_proxy', 'cpu_us_8'):.0f} µs | {med('urllib3_proxy', 'cpu_us_8'):.0f} µs | {q['cpu']['median']:.2f}x ({each(q, 'cpu')}) | "
+          f"{0.6 * h_cpu:.0f} µs |",
+          f"| added latency at 1 client | +{med('answer', 'p50_1_ms') - d:.3f} ms | "
+          f"+{med('raw_proxy', 'p50_1_ms') - d:.3f} ms | "
+          f"+{med('urllib3_proxy', 'p50_1_ms') - d:.3f} ms | {q['latency']['median']:.2f}x "
+          f"({each(q, 'latency')}) | +{0.6 * h_lat:.3f} ms |",
+          f"| requests/s at 8 clients | {med('answer', 'rps_8'):.0f} | "
+          f"{med('raw_proxy', 'rps_8'):.0f} | {med('urllib3_proxy', 'rps_8'):.0f} | {q['rps']['median']:.2f}x ({each(q, 'rps')}) | "
+          f"{1.6 * med('handwritten', 'rps_8'):.0f} (1.6x) |", ""]
+    cpu = {name: med(name, "cpu_us_8") for name in ("broker", "urllib3_proxy", "raw_proxy", "answer")}
+    L += [f"Per request at 8 clients: the server and Flask {cpu['answer']:.0f} µs; the lock and "
+          f"the upstream call on a bare socket {cpu['raw_proxy'] - cpu['answer']:.0f} µs more; "
+          f"urllib3's pool and http.client in its place {cpu['urllib3_proxy'] - cpu['raw_proxy']:.0f} "
+          f"µs more; the broker's own work (queue order, lease and watchdog, spooled body, OS "
+          f"lock, room check, status, metrics, job log, header checks) "
+          f"{cpu['broker'] - cpu['urllib3_proxy']:.0f} µs more.", ""]
+    return L
 
 
 def main() -> int:
