@@ -71,11 +71,14 @@ class Exchange:
                 return
         shut(sock)
 
-    def detach(self, sock) -> None:
-        """A socket that must survive a later cut (a connection going back to its pool)."""
+    def detach(self, sock) -> bool:
+        """A socket that must survive a later cut (a connection going back to
+        its pool); False if a cut reached it first."""
         with self._mutex:
             if sock in self._sockets:
                 self._sockets.remove(sock)
+                return True
+            return False
 
     def cut(self, reason: str) -> bool:
         """Shut every attached socket; False if it was cut already."""

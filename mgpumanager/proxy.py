@@ -360,6 +360,7 @@ class StreamedBody:
         self._kept: socket.socket | None = None
         self.bytes_out = 0
         self.complete = bodyless
+        self._reusable = False            # read whole, and its connection out of any cut's reach
         self.error: str | None = None
         self.handed_over = False          # the WSGI server owns it (it will close it)
         self._closed = False
@@ -389,6 +390,10 @@ class StreamedBody:
                 data, error = None, e
             if data == b"":
                 self.complete = True      # read whole, whoever hangs up now
+                # A cut from here on (curl hangs up the moment it has read
+                # the answer) must not shut a connection that can be reused.
+                sock = getattr(self.response.connection, "sock", None)
+                self._reusable = sock is not None and self.exchange.detach(sock)
                 return
             reason = self.exchange.cut_reason
             if reason is not None or data is None:
@@ -419,11 +424,14 @@ class StreamedBody:
                 # as the next client's answer, or end its GPU job early:
                 # such a connection is never reused.
                 self.response.close()
-            elif self.complete and self.exchange.cut_reason is None:
-                sock = getattr(self.response.connection, "sock", None)
-                if sock is not None:
-                    self.exchange.detach(sock)    # it goes back to the pool
-                self.response.release_conn()      # whole: the connection is reusable
+            elif self.complete:
+                # Read whole: the service has answered, whoever hung up since
+                # (the watchdog may see curl's hang-up before this close), so
+                # there is nothing to wait for.
+                if self._reusable:
+                    self.response.release_conn()
+                else:
+                    self.response.close()
             else:
                 # The client gone (seen by the watchdog, or by a write that
                 # failed), or the deadline: the service may still be working.

@@ -134,6 +134,32 @@ def test_a_client_that_leaves_before_the_answer_frees_the_gpu_at_once(broker_wit
     assert_next_job_runs_promptly(b)
 
 
+def test_a_client_that_hangs_up_after_the_whole_answer_does_not_hold_the_gpu(broker_with, echo):
+    """curl hangs up the moment it has read the answer. The watchdog saw that
+    hang-up before the answer's close and took it for a cut mid-answer: the
+    job then waited for the service to let go, and one more of its gaps
+    between chunks (a 50 ms job held the lock 140 ms in make bench's
+    hand-off, 93 ms between jobs instead of 2)."""
+    b = broker_with({"proxy": {"cut_hold_s": 5},
+                     "consumers": {"echo": {"paths": {"echo": "/stream"}}}})
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", b.port))
+        # Two lines 0.6 s apart: the wrongful hold would be 1.5 gaps more.
+        s.sendall(b"POST /v1/echo?lines=2&interval=0.6 HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Length: 0\r\n\r\n")
+        got = b""
+        while not got.endswith(b"0\r\n\r\n"):
+            more = s.recv(65536)
+            assert more, got
+            got += more
+        assert got.startswith(b"HTTP/1.1 200")
+        s.close()
+        wait_until(lambda: gpu_is_free(b), 10, "the GPU to be freed")
+        run_ms = b.status()["scheduler"]["last_run_ms"]
+        assert run_ms < 1200, f"a whole answer held the GPU {run_ms:.0f} ms, past its 600 ms"
+    assert_next_job_runs_promptly(b)
+
+
 def test_a_client_that_stops_reading_is_cut_after_client_timeout_s(broker_with, echo):
     b = broker_with({"scheduler": {"job_timeout_s": 30}, "proxy": {"client_timeout_s": 1}})
     s = socket.create_connection(("127.0.0.1", b.port))
