@@ -599,7 +599,12 @@ def main() -> int:
     args = p.parse_args()
     results = run(args.quick)
     text = report(results, "make bench" + ("-quick" if args.quick else ""))
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    # make soak writes its own section of this file; a new run keeps it.
+    before = out.read_text() if out.exists() else ""
+    if "## Soak" in before:
+        text += "\n" + before[before.index("## Soak"):]
+    out.write_text(text)
     (Path(args.out).with_suffix(".json")).write_text(json.dumps(results, indent=1))
     print(text)
     return 0
