@@ -63,6 +63,7 @@ class Exchange:
         self._mutex = threading.Lock()
         self._sockets: list = []              # guarded by _mutex
         self.cut_reason: str | None = None    # set once, under _mutex
+        self.upstream_sock = None             # the service's end, once connected
 
     def attach(self, sock) -> None:
         with self._mutex:
@@ -70,6 +71,10 @@ class Exchange:
                 self._sockets.append(sock)
                 return
         shut(sock)
+
+    def attach_upstream(self, sock) -> None:
+        self.upstream_sock = sock
+        self.attach(sock)
 
     def detach(self, sock) -> bool:
         """A socket that must survive a later cut (a connection going back to

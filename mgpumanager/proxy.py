@@ -142,12 +142,12 @@ class _WatchedConnectionMixin:
         super().connect()
         exchange = getattr(_sending, "exchange", None)
         if exchange is not None:
-            exchange.attach(self.sock)
+            exchange.attach_upstream(self.sock)
 
     def request(self, method, url, *args, **kwargs):
         exchange = getattr(_sending, "exchange", None)
         if exchange is not None and self.sock is not None:
-            exchange.attach(self.sock)
+            exchange.attach_upstream(self.sock)
         # urllib3 re-encodes the target (%2e becomes %2E); a proxy sends it as it came.
         url = getattr(_sending, "target", None) or url
         return super().request(method, url, *args, **kwargs)
@@ -370,7 +370,9 @@ class StreamedBody:
             return
         yield b""
         # Only once the server iterates: then it will call close() too.
-        sock = getattr(self.response.connection, "sock", None) if self._cut_hold_s else None
+        # (The exchange's socket, not the connection's: http.client lets go
+        # of the latter when the answer says Connection: close.)
+        sock = self.exchange.upstream_sock if self._cut_hold_s else None
         if sock is not None:
             try:
                 self._kept = socket.socket(fileno=os.dup(sock.fileno()))
@@ -388,12 +390,7 @@ class StreamedBody:
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
                     ValueError) as e:
                 data, error = None, e
-            if data == b"":
-                self.complete = True      # read whole, whoever hangs up now
-                # A cut from here on (curl hangs up the moment it has read
-                # the answer) must not shut a connection that can be reused.
-                sock = getattr(self.response.connection, "sock", None)
-                self._reusable = sock is not None and self.exchange.detach(sock)
+            if data == b"" and self._read_whole():
                 return
             reason = self.exchange.cut_reason
             if reason is not None or data is None:
@@ -412,6 +409,25 @@ class StreamedBody:
                 raise ResponseCut(self.error)
             self.bytes_out += len(data)
             yield data
+
+    def _read_whole(self) -> bool:
+        """The read that returned nothing: whether it ended the answer.
+
+        It did where the framing says so (a length, a last chunk), or where
+        the service closed before any cut. An answer with neither ends where
+        its connection does, and a cut's shutdown ends that too: the service
+        may still be working then.
+        """
+        sock = self.exchange.upstream_sock
+        # Detached, a cut from here on (curl hangs up the moment it has read
+        # the answer) cannot shut a connection that goes back to the pool.
+        detached = sock is not None and self.exchange.detach(sock)
+        framed = self.response.chunked or self.response.length_remaining is not None
+        if not (detached or framed or self.exchange.cut_reason is None):
+            return False
+        self.complete = True      # read whole, whoever hangs up now
+        self._reusable = detached and getattr(self.response.connection, "sock", None) is not None
+        return True
 
     def close(self) -> None:
         if self._closed:

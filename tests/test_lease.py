@@ -298,3 +298,57 @@ def test_a_malformed_chunked_body_is_the_clients_400(broker, echo, body, path):
     events = requests.get(broker.url + "/v1/events").json()["events"]
     assert not [e for e in events if e["type"] in ("job", "refused")]
     assert gpu_is_free(broker)
+
+
+class _Pieces(list):
+    """A verbatim answer that notes when each piece went out: the last
+    note is the moment the service stopped working (its write failed)."""
+
+    def __init__(self, pieces):
+        super().__init__(pieces)
+        self.sent_at: list[float] = []
+        self.done = threading.Event()
+
+    def __iter__(self):
+        try:
+            for piece in super().__iter__():
+                if not isinstance(piece, (int, float)):
+                    self.sent_at.append(time.monotonic())
+                yield piece
+        finally:
+            self.done.set()
+
+
+@pytest.mark.parametrize("framing", ["none", "length"])
+@pytest.mark.parametrize("cut_by", ["client", "deadline"])
+def test_a_cut_answer_that_closes_its_connection_holds_the_gpu_until_the_service_lets_go(
+        broker_with, echo, cut_by, framing):
+    """An answer with Connection: close, cut short. http.client lets go of
+    such a connection's socket at once, so there was none left to watch the
+    service let go of; and an answer with neither a length nor chunks ends
+    where its connection does, so the cut's own shutdown read as its end.
+    Either way the job ended while the service still worked, and the next
+    job could reach it half a second before it noticed."""
+    tokens = [b"token %02d\n" % i for i in range(12)]
+    length = b"Content-Length: %d\r\n" % sum(map(len, tokens)) if framing == "length" else b""
+    answer = [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n%sConnection: close\r\n\r\n" % length]
+    for token in tokens:
+        answer += [token, 0.25]
+    echo.verbatim["closing"] = pieces = _Pieces(answer)
+    b = broker_with({"scheduler": {"job_timeout_s": 1 if cut_by == "deadline" else 30},
+                     "proxy": {"cut_hold_s": 5},
+                     "consumers": {"echo": {"paths": {"echo": "/raw/closing"}}}})
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+    got = b""
+    while got.count(b"token") < 2:
+        got += s.recv(4096)
+    if cut_by == "client":
+        s.close()
+    wait_until(lambda: gpu_is_free(b), 10, "the GPU to be freed")
+    freed = time.monotonic()
+    s.close()
+    assert pieces.done.wait(10), "the service never stopped"
+    assert len(pieces.sent_at) < len(answer) // 2, "the answer was never cut"
+    stopped = pieces.sent_at[-1]       # its write that failed
+    assert freed >= stopped, f"the GPU was free {stopped - freed:.2f} s before the service stopped"
