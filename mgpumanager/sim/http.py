@@ -192,6 +192,9 @@ class _QuietServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # A head and its body are two writes: with Nagle's algorithm the body
+    # waited for the client's delayed ACK, 40 ms of every keep-alive answer.
+    disable_nagle_algorithm = True
     sim: SimServer
 
     def log_message(self, format, *args):      # quiet: tests read sim.seen instead
