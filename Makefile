@@ -70,11 +70,13 @@ bench: install
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/swaps.py
+	$(BIN)/python bench/short_path.py
 
 bench-quick: install
 	$(BIN)/python bench/bench.py --quick
 	$(BIN)/python bench/overhead.py --reps 1 --requests 1000 --out bench/OVERHEAD-quick.md
 	$(BIN)/python bench/swaps.py --quick --out bench/SWAPS-quick.md
+	$(BIN)/python bench/short_path.py --reps 3 --jobs 1000 --out bench/SHORT_PATH-quick.md
 
 # A small GPU job against a hand-written proxy of the same stack (bench/OVERHEAD.md)
 bench-overhead: install

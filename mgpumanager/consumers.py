@@ -56,19 +56,31 @@ class Costs:
     run_s: float | None
 
 
+@dataclass(frozen=True)
+class Resident:
+    """A consumer believed loaded on one GPU, as the short path checks it."""
+    mib: int                 # its share of the GPU
+    others_mib: int          # the shares of every other consumer surely loaded there
+    changed_at: float        # when a belief of any consumer there last changed
+
+
 class ConsumerState:
     """One consumer's live state. Every field below ``config`` is guarded by
     the registry's ``_lock``; outside it, read a ``snapshot()``."""
 
-    def __init__(self, config: ConsumerConfig, kinds: list[str]):
+    def __init__(self, config: ConsumerConfig, kinds: list[str],
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.kinds = kinds
+        self._clock = clock
         self.healthy: bool | None = None
         self.last_probe_at: float | None = None
         self.last_error: str | None = None
         # Unknown at start, for every consumer: possibly resident, so counted
         # in every sum (over-committing is worse than a needless unload).
-        self.loaded: bool | None = None
+        self._loaded: bool | None = None
+        # When `loaded` last changed: a reading from before is not of these beliefs.
+        self.loaded_changed_at = clock()
         self.reports = False               # its probe has said whether it is loaded
         # Unloaded by the broker, and no probe has passed since: a process
         # its unload command ended fails its probe, by design.
@@ -93,6 +105,16 @@ class ConsumerState:
         self.load_cost = MovingCost()
         self.unload_cost = MovingCost()
         self.run_cost = MovingCost()
+
+    @property
+    def loaded(self) -> bool | None:
+        return self._loaded
+
+    @loaded.setter
+    def loaded(self, value: bool | None) -> None:
+        if value is not self._loaded:
+            self._loaded = value
+            self.loaded_changed_at = self._clock()
 
     @property
     def planned_mib(self) -> int:
@@ -133,7 +155,7 @@ class ConsumerRegistry:
         self.clock = clock
         self._on_health_change = on_health_change
         self._lock = threading.Lock()
-        self._states = {name: ConsumerState(c, config.kinds_of(name))
+        self._states = {name: ConsumerState(c, config.kinds_of(name), clock)
                         for name, c in config.consumers.items()}
 
     def __contains__(self, name: str) -> bool:
@@ -177,6 +199,18 @@ class ConsumerRegistry:
                                         s.measured_at >= s.state_set_at else None),
                                     reports=s.reports)
                     for n, s in self._states.items() if gpu is None or gpu in s.config.gpus}
+
+    def believed_resident(self, name: str, gpu: int) -> Resident | None:
+        """What the short path needs of the beliefs on ``gpu``, if ``name``
+        is believed loaded there (None if not): its share, the others'
+        surely loaded, and when any belief on it last changed."""
+        with self._lock:
+            me = self._states[name]
+            here = [s for s in self._states.values() if gpu in s.config.gpus]
+            return None if me.loaded is not True else Resident(
+                me.config.share_mib(me.planned_mib),
+                sum(s.config.share_mib(s.planned_mib) for s in here if s.loaded and s is not me),
+                max(s.loaded_changed_at for s in here))
 
     def costs(self) -> dict[str, Costs]:
         with self._lock:

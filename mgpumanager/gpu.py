@@ -261,6 +261,9 @@ class GpuSampler:
         self.interval_s = interval_s
         self._on_sample = on_sample
         self._latest: GpuReading | None = None      # replaced whole; reads need no lock
+        # The latest reading whose memory was given to whom it belongs (by
+        # on_sample), with when it was taken: what a decision may use.
+        self._attributed: tuple[GpuReading, float] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
@@ -282,10 +285,23 @@ class GpuSampler:
         self._latest = reading
         if self._on_sample is not None:
             self._on_sample(reading, taken_at)
+        self._attributed = (reading, taken_at)
         return reading
 
     def latest(self) -> GpuReading:
         return self._latest or self.sample()
+
+    def recent(self, max_age_s: float, after: float) -> GpuReading | None:
+        """The latest reading if it was taken after ``after`` and at most
+        ``max_age_s`` ago, and has the memory figures; None if not."""
+        last = self._attributed
+        if last is None:
+            return None
+        reading, taken_at = last
+        if taken_at <= after or self._clock.now() - taken_at > max_age_s \
+                or reading.free_mib is None or reading.total_mib is None:
+            return None
+        return reading
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

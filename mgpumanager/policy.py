@@ -79,6 +79,16 @@ def eviction_candidates(target: str, views: Mapping[str, ConsumerView],
                   key=lambda v: (coexist(v.name, target), lru_key(v)))
 
 
+def resident_agrees(resident_mib: int, surely_mib: int, *, free_mib: int,
+                    total_mib: int) -> bool:
+    """Whether a reading agrees that a target believed resident is: the
+    memory in use beyond the others surely loaded (``surely_mib``) can be
+    its, and they all fit in the GPU. Free memory does not enter: a
+    resident target needs none more."""
+    used = total_mib - free_mib
+    return used - surely_mib >= resident_mib and surely_mib + resident_mib <= total_mib
+
+
 def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
               total_mib: int, cushion_mib: int,
               coexist: Callable[[str, str], bool], live: bool = False) -> Plan:
@@ -144,7 +154,7 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     room = free_mib + share
     contradicted = False
     if me.loaded is True:
-        if used - surely_mib >= me.resident_mib and surely_mib + me.resident_mib <= total_mib:
+        if resident_agrees(me.resident_mib, surely_mib, free_mib=free_mib, total_mib=total_mib):
             return Plan(0, room, (), True, False, f"{target} is already resident")
         contradicted = True       # the reading has no room for it: it is not what we believe
     managed_believed = sum(v.resident_mib for v in others if v.vram_managed)

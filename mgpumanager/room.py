@@ -2,7 +2,9 @@
 
 ``RoomMaker.make_room`` plans against a fresh reading and the registry's
 beliefs (policy.py decides; this module acts), unloads one victim at a
-time, waits for its memory to show, and loads the target. ``Swaps`` makes
+time, waits for its memory to show, and loads the target; a target
+believed resident that a recent reading agrees with takes the short path
+(``_still_resident``) and none of that. ``Swaps`` makes
 the load and unload calls, each bounded by the lease, with their
 bookkeeping. ``MemoryAttribution`` gives each reading's per-process memory
 to the consumers it belongs to.
@@ -27,7 +29,7 @@ from .device import Gpu, Gpus
 from .errors import Abandoned, InsufficientVram
 from .gpu import GpuReading
 from .lease import Lease
-from .policy import ConsumerView, context_allowance, plan_room
+from .policy import ConsumerView, context_allowance, plan_room, resident_agrees
 from .procs import Attribution
 from .stats import Stats
 
@@ -36,6 +38,10 @@ log = logging.getLogger("mgpumanager.room")
 # How long to wait for the memory of a victim that was only possibly
 # loaded: if it held nothing, nothing will show.
 UNSURE_SETTLE_S = 1.5
+
+# The oldest sampler reading the short path takes (and never more than one
+# and a half sampling intervals, so that with a short interval it is fresher).
+FRESH_READING_S = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +210,7 @@ class RoomMaker:
         self.clock = gpus.first.clock
         self._busy_checked: set[int] = set()  # GPUs checked, each with its turn held
         self._last_belief_problem: dict[int, tuple] = {}   # per GPU, with its turn held
+        self.fresh_s = min(FRESH_READING_S, 1.5 * config.gpu.sample_interval_s)
 
     def make_room(self, target: str, lease: Lease, deadline: float,
                   cancelled: Callable[[], bool] | None = None, gpus: list[Gpu] | None = None,
@@ -224,6 +231,8 @@ class RoomMaker:
         unchecked = {g.index for g in gpus} - self._busy_checked
         if unchecked:
             self._wait_until_idle(deadline, unchecked)
+        if tenant is None and len(gpus) == 1 and self._still_resident(gpus[0], target, lease):
+            return evicted
         if len(gpus) > 1:
             # Nothing is unloaded on one card for a job that can never fit
             # on another.
@@ -237,6 +246,38 @@ class RoomMaker:
             lease.check()
             self.swaps.load(target, deadline, lease)
         return evicted
+
+    def _still_resident(self, gpu: Gpu, target: str, lease: Lease) -> bool:
+        """The short path: ``target`` is believed loaded on ``gpu``, and a
+        reading taken since any belief there last changed agrees (policy's
+        ``resident_agrees``, the planner's own rule). Then nothing is read
+        afresh, planned, unloaded or loaded.
+
+        Fresh enough is the sampler's latest reading, at most ``fresh_s``
+        old (3 s by default), on a live reader; on the ledger the reading is
+        the beliefs themselves, taken now. It cannot over-commit where the
+        full path would not: it loads and unloads nothing, and whatever the
+        broker does that changes what the card holds (a load, an unload, a
+        job that loaded its consumer, another process's turn) changes a
+        belief, after which no reading from before counts. A reading from
+        during a coexisting consumer's job shows more in use, never less.
+        What it can miss is a change behind the broker's back within that
+        age (a service that freed, and another program that took the
+        memory), which the full path misses too when it comes just after
+        its reading, and a cold start's load takes seconds after it.
+        """
+        lease.check()
+        believed = self.registry.believed_resident(target, gpu.index)
+        if believed is None:
+            return False
+        reading = (gpu.sampler.recent(self.fresh_s, after=believed.changed_at) if gpu.live
+                   else gpu.reader.read())
+        if reading is None or reading.free_mib is None or reading.total_mib is None \
+                or not resident_agrees(believed.mib, believed.others_mib,
+                                       free_mib=reading.free_mib, total_mib=reading.usable_mib):
+            return False
+        self._last_belief_problem[gpu.index] = None
+        return True
 
     def _refuse_if_never_fits(self, gpu: Gpu, target: str, tenant: Tenant | None) -> None:
         reading = gpu.reader.read()
@@ -264,9 +305,10 @@ class RoomMaker:
         unshown: dict[str, tuple[int, int, float, bool]] = {}
         while True:
             lease.check()
-            # Every decision is checked against a fresh reading, also for a
-            # target believed resident: beliefs say who may be evicted, the
-            # reading says how much is free.
+            # Every decision here is checked against a fresh reading, also
+            # for a target believed resident that the short path could not
+            # confirm: beliefs say who may be evicted, the reading how much
+            # is free.
             taken_at = clock.now()
             reading = reader.read()
             if reading.free_mib is None or reading.total_mib is None:

@@ -253,6 +253,11 @@ class LivePlannerMachine(PlannerMachine):
     def the_other_program_exits(self):
         self.truth.foreign = 0
 
+    # The sampler's reading is what the short path decides by, of any age.
+    @rule()
+    def the_sampler_reads(self):
+        self.broker.gpu.sampler.sample()
+
     # Only one that can be asked: of two that cannot, the reading cannot
     # say which one left.
     @precondition(lambda self: self.truth.foreign == 0)
@@ -387,5 +392,102 @@ def test_a_managed_consumer_the_reading_shows_gone_is_not_waited_for(own_gpu_loc
         with pytest.raises(InsufficientVram):
             broker.start_job("y", "tts")
         assert clock.now() - t0 < 10
+    finally:
+        broker.stop()
+
+
+# -- the short path: a target believed resident, no room to make -------------
+
+TWO = {"a": {"paths": {"ka": "/a"}, "vram_resident_mib": 6000, "unload": {"path": "/u"}},
+       "b": {"paths": {"kb": "/b"}, "vram_resident_mib": 6000, "unload": {"path": "/u"},
+             "can_coexist_with": ["a"]}}
+
+
+def counted_reads(broker) -> list:
+    reads = []
+    read = broker.gpu.reader.read
+    broker.gpu.reader.read = lambda: reads.append(1) or read()
+    return reads
+
+
+def run(broker, truth, consumer: str) -> None:
+    broker.start_job(consumer, f"k{consumer}").finish(ok=True, status=200)
+    truth.held[consumer] = truth.spec[consumer]["size"]
+
+
+def test_a_resident_targets_job_decides_by_the_samplers_recent_reading(own_gpu_lock_file):
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()
+        clock.advance(1.0)
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads == []
+    finally:
+        broker.stop()
+
+
+def test_a_reading_older_than_fresh_enough_is_taken_again(own_gpu_lock_file):
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()
+        clock.advance(broker.room.fresh_s + 0.1)
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads
+    finally:
+        broker.stop()
+
+
+def test_a_reading_from_before_a_belief_changed_is_not_decided_by(own_gpu_lock_file):
+    """By the beliefs after b's unload, the old reading (b still held)
+    would agree with anything: it is read again."""
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        run(broker, truth, "b")
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()
+        clock.advance(0.5)
+        broker.unload("b")
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads
+    finally:
+        broker.stop()
+
+
+def test_a_recent_reading_that_cannot_hold_the_resident_target_sends_it_to_the_planner(
+        own_gpu_lock_file):
+    """It freed behind the broker's back: the sampler's reading shows too
+    little in use for it, so the job plans, and corrects the belief."""
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        run(broker, truth, "b")
+        truth.held["a"] = 0
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()
+        run(broker, truth, "a")
+        assert "belief_corrected" in [e["type"] for e in broker.events.since()]
+    finally:
+        broker.stop()
+
+
+def test_on_the_ledger_a_resident_targets_job_plans_nothing(own_gpu_lock_file, monkeypatch):
+    broker, truth, _ = in_process_broker(TWO)
+    try:
+        run(broker, truth, "a")
+        plans = []
+        plan = broker.room.plan
+        monkeypatch.setattr(broker.room, "plan", lambda *a, **k: plans.append(a) or plan(*a, **k))
+        run(broker, truth, "a")
+        assert plans == []
+        run(broker, truth, "b")          # not yet loaded: planned
+        assert plans
     finally:
         broker.stop()
