@@ -1,10 +1,19 @@
 """Logging set-up: into gunicorn's error log when under gunicorn (so systemd's
-journal gets every line), as text or one JSON object per line."""
+journal gets every line), as text or one JSON object per line.
+
+The job log (``mgpumanager.jobs``: a line per job and per eviction) is
+formatted and written by a thread of its own, from a queue: a job's thread
+only hands the record over, and its client's next request on the same
+connection does not wait for the line. Everything else is written at once
+(a warning must not be lost to a crash)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import time
 
 
@@ -41,3 +50,38 @@ def setup_logging(log_format: str = "text") -> None:
     logger.handlers[:] = handlers
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    _log_jobs_from_a_queue(logger)
+
+
+class _RecordQueueHandler(logging.handlers.QueueHandler):
+    """Hands the record over as it is: the stock ``prepare`` formats it in
+    the caller's thread, the work this queue is for. Its arguments are
+    strings and numbers, and a job's fields are not changed once logged."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return super().prepare(record) if record.exc_info else record
+
+
+_job_listener: logging.handlers.QueueListener | None = None
+
+
+def _log_jobs_from_a_queue(parent: logging.Logger) -> None:
+    """Once per process. The listener hands each record to ``parent``, the
+    logger it would have propagated to, so that it goes wherever that
+    logger's handlers are at the time (reconfigured or not)."""
+    global _job_listener
+    if _job_listener is not None:
+        return
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    _job_listener = logging.handlers.QueueListener(records, parent)    # a Logger handles too
+    _job_listener.start()
+    jobs = logging.getLogger("mgpumanager.jobs")
+    jobs.handlers[:] = [_RecordQueueHandler(records)]
+    jobs.propagate = False
+
+
+@atexit.register
+def _drain_job_log() -> None:
+    """At exit (a worker's end, SIGTERM included) the lines still queued are written."""
+    if _job_listener is not None:
+        _job_listener.stop()

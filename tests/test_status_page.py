@@ -1,7 +1,9 @@
 """What people and monitoring see: /metrics, /v1/events, the status page."""
 
 import json
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, chromium, needs_chromium, wait_until
+from mgpumanager import logs
 
 
 def fill_the_gpu(broker):
@@ -82,6 +85,31 @@ def test_job_logs_go_to_the_error_log_one_line_per_job(broker):
     time.sleep(0.2)
     lines = [ln for ln in broker.log().splitlines() if "job consumer=mvoice" in ln]
     assert lines and "status=200" in lines[-1] and "wait_ms=" in lines[-1]
+
+
+def test_the_job_log_is_written_off_the_jobs_thread_once_and_drained_on_exit():
+    """A job's thread only hands its line over; a warning is written at once."""
+    written = []
+
+    class Recording(logging.Handler):
+        def emit(self, record):
+            written.append((record.name, record.getMessage(), threading.get_ident()))
+
+    broker_log = logging.getLogger("mgpumanager")
+    saved = broker_log.handlers[:]
+    logs.setup_logging()
+    broker_log.handlers[:] = [Recording()]
+    try:
+        logging.getLogger("mgpumanager.jobs").info("job consumer=%s status=%s", "mvoice", 200)
+        logging.getLogger("mgpumanager.room").warning("beliefs contradicted")
+        logs._drain_job_log()             # what exit does: every queued line written
+        logs._job_listener.start()
+    finally:
+        broker_log.handlers[:] = saved
+    me = threading.get_ident()
+    assert sorted((name, message, by == me) for name, message, by in written) == [
+        ("mgpumanager.jobs", "job consumer=mvoice status=200", False),
+        ("mgpumanager.room", "beliefs contradicted", True)]
 
 
 # gunicorn's own log lines in the same format.
