@@ -264,6 +264,7 @@ class GpuSampler:
         # The latest reading whose memory was given to whom it belongs (by
         # on_sample), with when it was taken: what a decision may use.
         self._attributed: tuple[GpuReading, float] | None = None
+        self._attributed_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
@@ -285,8 +286,15 @@ class GpuSampler:
         self._latest = reading
         if self._on_sample is not None:
             self._on_sample(reading, taken_at)
-        self._attributed = (reading, taken_at)
+        self.offer(reading, taken_at)
         return reading
+
+    def offer(self, reading: GpuReading, taken_at: float) -> None:
+        """A reading taken (and attributed) elsewhere, a decision's own: the
+        newest one taken is what ``recent`` gives, never an older one."""
+        with self._attributed_lock:
+            if self._attributed is None or taken_at >= self._attributed[1]:
+                self._attributed = (reading, taken_at)
 
     def latest(self) -> GpuReading:
         return self._latest or self.sample()

@@ -256,11 +256,15 @@ class RoomMaker:
         Fresh enough is the sampler's latest reading, at most ``fresh_s``
         old (3 s by default), on a live reader; on the ledger the reading is
         the beliefs themselves, taken now. It cannot over-commit where the
-        full path would not: it loads and unloads nothing, and whatever the
+        full path would not: it loads and unloads nothing; whatever the
         broker does that changes what the card holds (a load, an unload, a
         job that loaded its consumer, another process's turn) changes a
-        belief, after which no reading from before counts. A reading from
-        during a coexisting consumer's job shows more in use, never less.
+        belief, after which
+        no reading from before counts; and every reading the full path
+        takes (a GPU lease's too, which changes no belief) becomes the
+        sampler's newest, so one that showed a belief wrong is never passed
+        over for an older one. A reading from during a coexisting
+        consumer's job shows more in use, never less.
         What it can miss is a change behind the broker's back within that
         age (a service that freed, and another program that took the
         memory), which the full path misses too when it comes just after
@@ -316,6 +320,9 @@ class RoomMaker:
                             reading.error, target)
                 return
             self.attribute(reading, taken_at, gpu.index)
+            # The newest reading the broker has: the short path never decides
+            # by an older one than this (which may have shown a belief wrong).
+            gpu.sampler.offer(reading, taken_at)
             for name, (before, size, until, _) in list(unshown.items()):
                 if reading.free_mib - before >= size // 2 or clock.now() >= until:
                     del unshown[name]

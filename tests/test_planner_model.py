@@ -491,3 +491,87 @@ def test_on_the_ledger_a_resident_targets_job_plans_nothing(own_gpu_lock_file, m
         assert plans
     finally:
         broker.stop()
+
+
+# -- the short path against what the broker has seen since ------------------
+
+THREE = {**TWO, "c": {"paths": {"kc": "/c"}, "vram_resident_mib": 4000, "unload": {"path": "/u"},
+                      "can_coexist_with": ["a", "b"]}}
+
+
+def test_a_lease_granted_on_a_fresher_reading_is_not_overruled_by_an_older_one(
+        own_gpu_lock_file):
+    """a freed behind the broker's back just after the sampler's reading. A
+    program's lease then read the card afresh (a gone: beliefs_contradicted),
+    was given a's memory and changed no belief; its program outlived the
+    lease (its ttl, a cached allocator). a's next job, within fresh_s of the
+    old reading, decided by it: a cold-started beside b and the program,
+    17000 MiB on a 16000 MiB card. The full path reads 11000 MiB in use,
+    corrects a's belief and, with c possibly loaded (never settled since
+    the start), finds no room: it settles c and a and refuses. Every
+    reading the broker takes is now the sampler's newest."""
+    broker, truth, clock = in_process_broker(THREE, live=True)
+    try:
+        run(broker, truth, "a")
+        run(broker, truth, "b")
+        # c was never needed settled: possibly loaded, as at every start.
+        assert broker.registry.loaded("c") is None
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()               # a and b resident: 12000 MiB in use
+        truth.held["a"] = 0                       # a's service restarted, empty
+        lease = broker.leases.take(vram_mib=5000, label="nb", ttl_s=60.0,
+                                   coexist=frozenset(), gpus=(0,))
+        assert lease.job.evicted == []            # it fit in a's memory: no belief changed
+        assert "beliefs_contradicted" in [e["type"] for e in broker.events.since()]
+        truth.foreign = 5000                      # the program takes its memory
+        broker.leases.end(lease.id, "ttl")        # and keeps it past its lease
+        clock.advance(0.5)
+        try:
+            job = broker.start_job("a", "ka")
+        except InsufficientVram:
+            return                                # refused: nothing over-committed
+        others = truth.used() - truth.held["a"]
+        assert others + THREE["a"]["vram_resident_mib"] <= TOTAL, (
+            f"over-commit: a (6000) cold-starts beside {others} MiB of {TOTAL}")
+        job.finish(ok=True, status=200)
+    finally:
+        broker.stop()
+
+
+def test_a_reading_taken_at_the_instant_a_belief_changed_is_not_decided_by(
+        own_gpu_lock_file):
+    """On one clock reading the order of a sample and a change is unknown:
+    an equal time is before, never after."""
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        run(broker, truth, "b")
+        clock.advance(0.5)
+        broker.gpu.sampler.sample()
+        broker.unload("b")                       # the same instant
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads
+    finally:
+        broker.stop()
+
+
+def test_the_sampler_offers_a_reading_for_decisions_only_once_attributed(
+        own_gpu_lock_file):
+    """While on_sample gives a reading's memory to its consumers (which may
+    change a belief), a decision must not take that reading yet."""
+    broker, truth, clock = in_process_broker(TWO, live=True)
+    try:
+        run(broker, truth, "a")
+        clock.advance(0.5)
+        sampler = broker.gpu.sampler
+        seen = []
+        attribute = sampler._on_sample
+        sampler._on_sample = lambda reading, at: (
+            seen.append(sampler.recent(10.0, after=float("-inf")) is reading),
+            attribute(reading, at))
+        sampler.sample()
+        assert seen == [False]
+        assert sampler.recent(10.0, after=float("-inf")) is not None
+    finally:
+        broker.stop()
