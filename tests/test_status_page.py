@@ -100,7 +100,8 @@ def test_the_job_log_is_written_off_the_jobs_thread_once_and_drained_on_exit():
     logs.setup_logging()
     broker_log.handlers[:] = [Recording()]
     try:
-        logging.getLogger("mgpumanager.jobs").info("job consumer=%s status=%s", "mvoice", 200)
+        logging.getLogger("mgpumanager.jobs").info("job consumer=%s status=%s", "mvoice", 200,
+                                                   extra={"fields": {"event": "job"}})
         logging.getLogger("mgpumanager.room").warning("beliefs contradicted")
         logs._drain_job_log()             # what exit does: every queued line written
         logs._job_listener.start()
