@@ -18,7 +18,7 @@ from .consumers import ConsumerRegistry
 from .gpu import GpuReading
 from .gpulock import Ticket
 from .policy import context_allowance, plan_room
-from .schedule import Rules, choose_next
+from .schedule import Rules, alike, choose_next
 
 log = logging.getLogger("mgpumanager.order")
 
@@ -56,6 +56,9 @@ class QueueOrder:
         load, so free memory is taken as at most the total less what is
         surely loaded; without a live reading it is the ledger's sum.
         """
+        if alike(waiting):            # a burst for one consumer: nothing to judge
+            waiting[0].saved_swap = False
+            return 0
         views = self.registry.views(gpu)
         latest_reading = latest()
         live = live and latest_reading.free_mib is not None

@@ -85,6 +85,17 @@ def choose_next(waiting: Sequence[Waiter], fits: Mapping[str, bool], rules: Rule
     return Choice(best, f"{chosen.consumer} runs without an eviction", saved)
 
 
+def alike(waiting: Sequence[Waiter]) -> bool:
+    """Whether every waiting job has the same consumer, priority and need
+    of room: then ``choose_next`` takes the oldest whatever fits (its
+    order ties), and no bound names another (a younger job is never passed
+    more often than an older one, and only the oldest has a turn), so the
+    caller need not judge what fits."""
+    first = waiting[0]
+    return all(w.consumer == first.consumer and w.priority == first.priority
+               and w.needs_room == first.needs_room for w in waiting)
+
+
 def take(waiting: MutableSequence[Waiter], index: int) -> Waiter:
     """Remove ``waiting[index]`` for a grant: every older job was passed
     once more."""
