@@ -60,7 +60,8 @@ class Costs:
 class Resident:
     """A consumer believed loaded on one GPU, as the short path checks it."""
     mib: int                 # its share of the GPU
-    others_mib: int          # the shares of every other consumer surely loaded there
+    others_mib: int          # the shares of every other consumer loaded or possibly there
+    surely_mib: int          # of those surely loaded
     changed_at: float        # when a belief of any consumer there last changed
 
 
@@ -201,15 +202,15 @@ class ConsumerRegistry:
                     for n, s in self._states.items() if gpu is None or gpu in s.config.gpus}
 
     def believed_resident(self, name: str, gpu: int) -> Resident | None:
-        """What the short path needs of the beliefs on ``gpu``, if ``name``
-        is believed loaded there (None if not): its share, the others'
-        surely loaded, and when any belief on it last changed."""
+        """What the short path needs of the beliefs on ``gpu`` if ``name``
+        is believed loaded there (None if not)."""
         with self._lock:
             me = self._states[name]
             here = [s for s in self._states.values() if gpu in s.config.gpus]
+            shares = {s: s.config.share_mib(s.planned_mib) for s in here}
             return None if me.loaded is not True else Resident(
-                me.config.share_mib(me.planned_mib),
-                sum(s.config.share_mib(s.planned_mib) for s in here if s.loaded and s is not me),
+                shares[me], sum(shares[s] for s in here if s.loaded is not False and s is not me),
+                sum(shares[s] for s in here if s.loaded and s is not me),
                 max(s.loaded_changed_at for s in here))
 
     def costs(self) -> dict[str, Costs]:

@@ -79,14 +79,16 @@ def eviction_candidates(target: str, views: Mapping[str, ConsumerView],
                   key=lambda v: (coexist(v.name, target), lru_key(v)))
 
 
-def resident_agrees(resident_mib: int, surely_mib: int, *, free_mib: int,
+def resident_agrees(resident_mib: int, others_mib: int, surely_mib: int, *, free_mib: int,
                     total_mib: int) -> bool:
     """Whether a reading agrees that a target believed resident is: the
-    memory in use beyond the others surely loaded (``surely_mib``) can be
-    its, and they all fit in the GPU. Free memory does not enter: a
-    resident target needs none more."""
+    memory in use beyond what the others hold (``others_mib``) can be its,
+    and it fits beside those surely loaded (``surely_mib``). Free memory
+    does not enter: a resident target needs none more. The short path
+    counts the possibly loaded among the others: memory one may hold is
+    not taken for the target's there (the planner settles which it is)."""
     used = total_mib - free_mib
-    return used - surely_mib >= resident_mib and surely_mib + resident_mib <= total_mib
+    return used - others_mib >= resident_mib and surely_mib + resident_mib <= total_mib
 
 
 def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
@@ -154,7 +156,21 @@ def plan_room(target: str, views: Mapping[str, ConsumerView], *, free_mib: int,
     room = free_mib + share
     contradicted = False
     if me.loaded is True:
-        if resident_agrees(me.resident_mib, surely_mib, free_mib=free_mib, total_mib=total_mib):
+        if resident_agrees(me.resident_mib, surely_mib, surely_mib,
+                           free_mib=free_mib, total_mib=total_mib):
+            # The memory in use may yet be a possibly loaded consumer's and
+            # not the target's: unloading enough of them settles which.
+            short = me.resident_mib - (used - (others_mib - residue))
+            unsure = [v for v in eviction_candidates(target, views, coexist)
+                      if v.loaded is None] if short > 0 else []
+            settle = _fewest_victims(unsure, short) if unsure else None
+            if settle:
+                # Its need, were it not resident: an unload waits for that
+                # room or for the victim's memory to show, not for nothing.
+                names = tuple(v.name for v in settle)
+                return Plan(need, room, names, True, False,
+                            f"{target} is resident only if {', '.join(names)} hold nothing: "
+                            "unloading settles it")
             return Plan(0, room, (), True, False, f"{target} is already resident")
         contradicted = True       # the reading has no room for it: it is not what we believe
     managed_believed = sum(v.resident_mib for v in others if v.vram_managed)

@@ -277,7 +277,7 @@ class RoomMaker:
         reading = (gpu.sampler.recent(self.fresh_s, after=believed.changed_at) if gpu.live
                    else gpu.reader.read())
         if reading is None or reading.free_mib is None or reading.total_mib is None \
-                or not resident_agrees(believed.mib, believed.others_mib,
+                or not resident_agrees(believed.mib, believed.others_mib, believed.surely_mib,
                                        free_mib=reading.free_mib, total_mib=reading.usable_mib):
             return False
         self._last_belief_problem[gpu.index] = None

@@ -374,6 +374,29 @@ def test_two_that_fit_apart_and_cannot_be_unloaded_run_the_first_and_refuse_the_
         broker.stop()
 
 
+def test_a_resident_target_is_not_credited_with_what_one_possibly_loaded_holds(
+        own_gpu_lock_file):
+    """Found by the live model: e said it was loaded, then freed behind the
+    broker's back; c, possibly loaded since the start, holds 9500 MiB. The
+    planner took the memory in use for e's, and e cold-started beside c
+    (16500 MiB on a 16000 MiB card)."""
+    broker, truth, _ = in_process_broker({
+        "c": {"paths": {"kc": "/c"}, "vram_resident_mib": 9500, "unload": {"path": "/u"}},
+        "e": {"paths": {"ke": "/e"}, "vram_resident_mib": 7000}}, {"c": 9500, "e": 7000},
+        live=True)
+    try:
+        truth.spec["e"]["reports"] = True
+        broker.health.probe("e")
+        assert broker.registry.loaded("e") is True and broker.registry.loaded("c") is None
+        truth.held["e"] = 0
+        job = broker.start_job("e", "ke")
+        assert truth.used() + 7000 <= TOTAL, f"over-commit: e beside {truth.used()} MiB"
+        assert broker.actions.unloads == ["c"]
+        job.finish(ok=True, status=200)
+    finally:
+        broker.stop()
+
+
 def test_a_managed_consumer_the_reading_shows_gone_is_not_waited_for(own_gpu_lock_file):
     """A vram_managed consumer that does not report expired its model; the
     broker still believed it loaded, so it waited 300 s for memory the
@@ -419,6 +442,7 @@ def test_a_resident_targets_job_decides_by_the_samplers_recent_reading(own_gpu_l
     broker, truth, clock = in_process_broker(TWO, live=True)
     try:
         run(broker, truth, "a")
+        run(broker, truth, "b")          # settled: none possibly loaded
         clock.advance(0.5)
         broker.gpu.sampler.sample()
         clock.advance(1.0)

@@ -20,6 +20,14 @@ def plan(target, views, free, coexist=(), total=TOTAL, cushion=256):
 CASES = [
     pytest.param("tts", [view("tts", 3000, loaded=True), view("img", 13000)], 0, (),
                  (), True, id="resident-target-needs-nothing"),
+    # 13000 MiB in use: the target's 3000 beside it only if the possibly
+    # loaded img holds less than 10000 of it. Unloading img settles which.
+    pytest.param("tts", [view("tts", 3000, loaded=True), view("img", 13000, loaded=None)],
+                 TOTAL - 13000, [("tts", "img")], ("img",), True,
+                 id="a-resident-target-is-not-credited-with-what-one-possibly-loaded-holds"),
+    pytest.param("tts", [view("tts", 3000, loaded=True), view("img", 13000, loaded=None)],
+                 TOTAL - 16000, [("tts", "img")], (), True,
+                 id="room-in-use-for-both-a-resident-and-one-possibly-loaded-settles-nothing"),
     pytest.param("tts", [view("tts", 3000, loaded=False), view("img", 13000)], 5000, (),
                  (), True, id="fits-in-free-vram-without-eviction"),
     pytest.param("tts", [view("tts", 3000, False), view("img", 13000, last_used=5),
