@@ -93,8 +93,8 @@ def _log_jobs_at_once() -> None:
 
 def _log_jobs_from_a_queue(parent: logging.Logger) -> None:
     """One listener per process (started again if it was stopped). It hands
-    each record to ``parent``, the logger it would have propagated to, so that it goes wherever that
-    logger's handlers are at the time (reconfigured or not)."""
+    each record to ``parent``, the logger it would have propagated to, so
+    that it goes wherever that logger's handlers are at the time."""
     global _job_listener, _job_listener_pid
     if _job_listener is None or _job_listener_pid != os.getpid():
         records: queue.SimpleQueue = queue.SimpleQueue()

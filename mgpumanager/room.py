@@ -250,8 +250,9 @@ class RoomMaker:
     def _still_resident(self, gpu: Gpu, target: str, lease: Lease) -> bool:
         """The short path: ``target`` is believed loaded on ``gpu``, and a
         reading taken since any belief there last changed agrees (policy's
-        ``resident_agrees``, the planner's own rule). Then nothing is read
-        afresh, planned, unloaded or loaded.
+        ``resident_agrees``, with the possibly loaded counted among the
+        others: stricter than the planner, which settles them). Then
+        nothing is read afresh, planned, unloaded or loaded.
 
         Fresh enough is the sampler's latest reading, at most ``fresh_s``
         old (3 s by default), on a live reader; on the ledger the reading is
@@ -259,16 +260,15 @@ class RoomMaker:
         full path would not: it loads and unloads nothing; whatever the
         broker does that changes what the card holds (a load, an unload, a
         job that loaded its consumer, another process's turn) changes a
-        belief, after which
-        no reading from before counts; and every reading the full path
-        takes (a GPU lease's too, which changes no belief) becomes the
-        sampler's newest, so one that showed a belief wrong is never passed
-        over for an older one. A reading from during a coexisting
-        consumer's job shows more in use, never less.
-        What it can miss is a change behind the broker's back within that
-        age (a service that freed, and another program that took the
-        memory), which the full path misses too when it comes just after
-        its reading, and a cold start's load takes seconds after it.
+        belief, after which no reading from before counts; and every
+        reading the full path takes (a GPU lease's too, which changes no
+        belief) becomes the sampler's newest, so one that showed a belief
+        wrong is never passed over for an older one. A reading from during
+        a coexisting consumer's job shows more in use, never less. What it
+        can miss is a change behind the broker's back within that age (a
+        service that freed, and another program that took the memory),
+        which the full path misses too when it comes just after its
+        reading, and a cold start's load takes seconds after it.
         """
         lease.check()
         believed = self.registry.believed_resident(target, gpu.index)
