@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench import machine  # noqa: E402
+from mgpumanager import room  # noqa: E402
 from mgpumanager.broker import Broker  # noqa: E402
 from mgpumanager.config import parse_config  # noqa: E402
 from mgpumanager.sim import start_cluster  # noqa: E402
 
 TOTAL_MIB = 24576
+SHORT_PATH = room.still_resident        # the full path's arm replaces it with a refusal
 CONSUMERS = {"tts": 3000, "stt": 2000, "llm": 9000, "image": 10000, "spare": 500}
 
 
@@ -63,15 +65,14 @@ def measure(backend: str, reps: int, n: int) -> dict:
             for name in CONSUMERS:             # settled: nothing but tts is loaded
                 b.registry.mark_loaded(name, name == "tts")
             time.sleep(1.2)                    # a sampler reading after the job's belief
-            short_path = b.room._still_resident
             rows = []
             for _ in range(reps):
                 row = {}
                 for arm in ("short", "full"):
-                    b.room._still_resident = short_path if arm == "short" else \
+                    room.still_resident = SHORT_PATH if arm == "short" else \
                         (lambda *a: False)
                     row[arm] = 1e6 / jobs_per_second(b, n)
-                b.room._still_resident = short_path
+                room.still_resident = SHORT_PATH
                 rows.append(row)
             return {"rows": rows,
                     "ratio": statistics.median(r["short"] / r["full"] for r in rows)}

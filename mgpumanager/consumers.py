@@ -17,7 +17,7 @@ from typing import Callable
 from .admin import ConsumerActions, HealthResult, HttpActions  # noqa: F401
 from .clock import iso_utc
 from .config import Config, ConsumerConfig
-from .policy import ConsumerView, context_allowance
+from .policy import ConsumerView, Resident, context_allowance
 from .procs import Measured
 
 log = logging.getLogger("mgpumanager.consumers")
@@ -54,15 +54,6 @@ class Costs:
     load_s: float | None
     unload_s: float | None
     run_s: float | None
-
-
-@dataclass(frozen=True)
-class Resident:
-    """A consumer believed loaded on one GPU, as the short path checks it."""
-    mib: int                 # its share of the GPU
-    others_mib: int          # the shares of every other consumer loaded or possibly there
-    surely_mib: int          # of those surely loaded
-    changed_at: float        # when a belief of any consumer there last changed
 
 
 class ConsumerState:
@@ -202,15 +193,13 @@ class ConsumerRegistry:
                     for n, s in self._states.items() if gpu is None or gpu in s.config.gpus}
 
     def believed_resident(self, name: str, gpu: int) -> Resident | None:
-        """What the short path needs of the beliefs on ``gpu`` if ``name``
-        is believed loaded there (None if not)."""
+        """The short path's beliefs on ``gpu``, if ``name`` is believed loaded there."""
         with self._lock:
             me = self._states[name]
             here = [s for s in self._states.values() if gpu in s.config.gpus]
-            shares = {s: s.config.share_mib(s.planned_mib) for s in here}
-            return None if me.loaded is not True else Resident(
-                shares[me], sum(shares[s] for s in here if s.loaded is not False and s is not me),
-                sum(shares[s] for s in here if s.loaded and s is not me),
+            return None if me.loaded is not True else Resident.among(
+                me.config.share_mib(me.planned_mib),
+                [(s.config.share_mib(s.planned_mib), s.loaded) for s in here if s is not me],
                 max(s.loaded_changed_at for s in here))
 
     def costs(self) -> dict[str, Costs]:

@@ -79,6 +79,22 @@ def eviction_candidates(target: str, views: Mapping[str, ConsumerView],
                   key=lambda v: (coexist(v.name, target), lru_key(v)))
 
 
+@dataclass(frozen=True)
+class Resident:
+    """A consumer believed loaded on one GPU, as the short path checks it."""
+    mib: int                 # its share of the GPU
+    others_mib: int          # the shares of every other consumer loaded or possibly there
+    surely_mib: int          # of those surely loaded
+    changed_at: float        # when a belief of any consumer there last changed
+
+    @classmethod
+    def among(cls, mib: int, others: list[tuple[int, bool | None]],
+              changed_at: float) -> Resident:
+        """Of ``mib`` beside ``others``, (share, loaded) of each other consumer there."""
+        return cls(mib, sum(m for m, loaded in others if loaded is not False),
+                   sum(m for m, loaded in others if loaded), changed_at)
+
+
 def resident_agrees(resident_mib: int, others_mib: int, surely_mib: int, *, free_mib: int,
                     total_mib: int) -> bool:
     """Whether a reading agrees that a target believed resident is: the

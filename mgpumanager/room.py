@@ -4,7 +4,7 @@
 beliefs (policy.py decides; this module acts), unloads one victim at a
 time, waits for its memory to show, and loads the target; a target
 believed resident that a recent reading agrees with takes the short path
-(``_still_resident``) and none of that. ``Swaps`` makes
+(``still_resident``) and none of that. ``Swaps`` makes
 the load and unload calls, each bounded by the lease, with their
 bookkeeping. ``MemoryAttribution`` gives each reading's per-process memory
 to the consumers it belongs to.
@@ -183,6 +183,40 @@ class Swaps:
         self.stats.loaded(target, (self.clock.now() - t0) * 1000)
 
 
+def still_resident(registry: ConsumerRegistry, gpu: Gpu, target: str,
+                   fresh_s: float) -> bool:
+    """The short path: ``target`` is believed loaded on ``gpu``, and a
+    reading taken since any belief there last changed agrees (policy's
+    ``resident_agrees``, with the possibly loaded counted among the
+    others: stricter than the planner, which settles them). Then nothing
+    is read afresh, planned, unloaded or loaded.
+
+    Fresh enough is the sampler's latest reading, at most ``fresh_s`` old
+    (3 s by default), on a live reader; on the ledger the reading is the
+    beliefs themselves, taken now. It cannot over-commit where the full
+    path would not: it loads and unloads nothing; whatever the broker does
+    that changes what the card holds (a load, an unload, a job that loaded
+    its consumer, another process's turn) changes a belief, after which no
+    reading from before counts; and every reading the full path takes (a
+    GPU lease's too, which changes no belief) becomes the sampler's newest,
+    so one that showed a belief wrong is never passed over for an older
+    one. A reading from during a coexisting consumer's job shows more in
+    use, never less. What it can miss is a change behind the broker's back
+    within that age (a service that freed, and another program that took
+    the memory), which the full path misses too when it comes just after
+    its reading, and a cold start's load takes seconds after it.
+    """
+    believed = registry.believed_resident(target, gpu.index)
+    if believed is None:
+        return False
+    reading = (gpu.sampler.recent(fresh_s, after=believed.changed_at) if gpu.live
+               else gpu.reader.read())
+    return reading is not None and reading.free_mib is not None \
+        and reading.total_mib is not None \
+        and resident_agrees(believed.mib, believed.others_mib, believed.surely_mib,
+                            free_mib=reading.free_mib, total_mib=reading.usable_mib)
+
+
 @dataclasses.dataclass
 class _Progress:
     """One job's room making, over every GPU it needs."""
@@ -231,8 +265,11 @@ class RoomMaker:
         unchecked = {g.index for g in gpus} - self._busy_checked
         if unchecked:
             self._wait_until_idle(deadline, unchecked)
-        if tenant is None and len(gpus) == 1 and self._still_resident(gpus[0], target, lease):
-            return evicted
+        if tenant is None and len(gpus) == 1:
+            lease.check()
+            if still_resident(self.registry, gpus[0], target, self.fresh_s):
+                self._last_belief_problem[gpus[0].index] = None
+                return evicted
         if len(gpus) > 1:
             # Nothing is unloaded on one card for a job that can never fit
             # on another.
@@ -246,42 +283,6 @@ class RoomMaker:
             lease.check()
             self.swaps.load(target, deadline, lease)
         return evicted
-
-    def _still_resident(self, gpu: Gpu, target: str, lease: Lease) -> bool:
-        """The short path: ``target`` is believed loaded on ``gpu``, and a
-        reading taken since any belief there last changed agrees (policy's
-        ``resident_agrees``, with the possibly loaded counted among the
-        others: stricter than the planner, which settles them). Then
-        nothing is read afresh, planned, unloaded or loaded.
-
-        Fresh enough is the sampler's latest reading, at most ``fresh_s``
-        old (3 s by default), on a live reader; on the ledger the reading is
-        the beliefs themselves, taken now. It cannot over-commit where the
-        full path would not: it loads and unloads nothing; whatever the
-        broker does that changes what the card holds (a load, an unload, a
-        job that loaded its consumer, another process's turn) changes a
-        belief, after which no reading from before counts; and every
-        reading the full path takes (a GPU lease's too, which changes no
-        belief) becomes the sampler's newest, so one that showed a belief
-        wrong is never passed over for an older one. A reading from during
-        a coexisting consumer's job shows more in use, never less. What it
-        can miss is a change behind the broker's back within that age (a
-        service that freed, and another program that took the memory),
-        which the full path misses too when it comes just after its
-        reading, and a cold start's load takes seconds after it.
-        """
-        lease.check()
-        believed = self.registry.believed_resident(target, gpu.index)
-        if believed is None:
-            return False
-        reading = (gpu.sampler.recent(self.fresh_s, after=believed.changed_at) if gpu.live
-                   else gpu.reader.read())
-        if reading is None or reading.free_mib is None or reading.total_mib is None \
-                or not resident_agrees(believed.mib, believed.others_mib, believed.surely_mib,
-                                       free_mib=reading.free_mib, total_mib=reading.usable_mib):
-            return False
-        self._last_belief_problem[gpu.index] = None
-        return True
 
     def _refuse_if_never_fits(self, gpu: Gpu, target: str, tenant: Tenant | None) -> None:
         reading = gpu.reader.read()

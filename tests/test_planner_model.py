@@ -22,6 +22,7 @@ unloaded is not loaded at start: the contract's assumption.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -438,51 +439,46 @@ def run(broker, truth, consumer: str) -> None:
     truth.held[consumer] = truth.spec[consumer]["size"]
 
 
-def test_a_resident_targets_job_decides_by_the_samplers_recent_reading(own_gpu_lock_file):
-    broker, truth, clock = in_process_broker(TWO, live=True)
-    try:
-        run(broker, truth, "a")
-        run(broker, truth, "b")          # settled: none possibly loaded
-        clock.advance(0.5)
-        broker.gpu.sampler.sample()
-        clock.advance(1.0)
-        reads = counted_reads(broker)
-        run(broker, truth, "a")
-        assert reads == []
-    finally:
-        broker.stop()
-
-
-def test_a_reading_older_than_fresh_enough_is_taken_again(own_gpu_lock_file):
-    broker, truth, clock = in_process_broker(TWO, live=True)
-    try:
-        run(broker, truth, "a")
-        clock.advance(0.5)
-        broker.gpu.sampler.sample()
-        clock.advance(broker.room.fresh_s + 0.1)
-        reads = counted_reads(broker)
-        run(broker, truth, "a")
-        assert reads
-    finally:
-        broker.stop()
-
-
-def test_a_reading_from_before_a_belief_changed_is_not_decided_by(own_gpu_lock_file):
-    """By the beliefs after b's unload, the old reading (b still held)
-    would agree with anything: it is read again."""
+@contextlib.contextmanager
+def both_resident_and_sampled():
+    """a and b resident on a live reading, the sampler's reading taken half
+    a second after: (broker, truth, clock)."""
     broker, truth, clock = in_process_broker(TWO, live=True)
     try:
         run(broker, truth, "a")
         run(broker, truth, "b")
         clock.advance(0.5)
         broker.gpu.sampler.sample()
+        yield broker, truth, clock
+    finally:
+        broker.stop()
+
+
+def test_a_resident_targets_job_decides_by_the_samplers_recent_reading(own_gpu_lock_file):
+    with both_resident_and_sampled() as (broker, truth, clock):
+        clock.advance(1.0)
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads == []
+
+
+def test_a_reading_older_than_fresh_enough_is_taken_again(own_gpu_lock_file):
+    with both_resident_and_sampled() as (broker, truth, clock):
+        clock.advance(broker.room.fresh_s + 0.1)
+        reads = counted_reads(broker)
+        run(broker, truth, "a")
+        assert reads
+
+
+def test_a_reading_from_before_a_belief_changed_is_not_decided_by(own_gpu_lock_file):
+    """By the beliefs after b's unload, the old reading (b still held)
+    would agree with anything: it is read again."""
+    with both_resident_and_sampled() as (broker, truth, clock):
         clock.advance(0.5)
         broker.unload("b")
         reads = counted_reads(broker)
         run(broker, truth, "a")
         assert reads
-    finally:
-        broker.stop()
 
 
 def test_a_recent_reading_that_cannot_hold_the_resident_target_sends_it_to_the_planner(
@@ -566,18 +562,11 @@ def test_a_reading_taken_at_the_instant_a_belief_changed_is_not_decided_by(
         own_gpu_lock_file):
     """On one clock reading the order of a sample and a change is unknown:
     an equal time is before, never after."""
-    broker, truth, clock = in_process_broker(TWO, live=True)
-    try:
-        run(broker, truth, "a")
-        run(broker, truth, "b")
-        clock.advance(0.5)
-        broker.gpu.sampler.sample()
+    with both_resident_and_sampled() as (broker, truth, clock):
         broker.unload("b")                       # the same instant
         reads = counted_reads(broker)
         run(broker, truth, "a")
         assert reads
-    finally:
-        broker.stop()
 
 
 def test_the_sampler_offers_a_reading_for_decisions_only_once_attributed(
